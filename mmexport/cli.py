@@ -1,0 +1,210 @@
+"""The `mmexport` command: Typer wiring only, and the one error boundary.
+
+Data (JSON, generated text, result tables) goes to stdout; logs and progress go to stderr.
+Exit codes: 0 ok, 1 verification failed, 2 bad usage or bad input (one line on stderr).
+Commands import their heavy modules inside the function: `mmexport run` never imports torch.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError, VerificationFailed
+
+app = typer.Typer(
+    name="mmexport",
+    help="Export multimodal LLMs part by part to ONNX / TensorRT, run them torch-free, prove parity.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True)  # stdout: results
+err = Console(stderr=True)  # stderr: logs, progress
+
+# shared option aliases
+ArtifactDir = Annotated[Path, typer.Argument(help="Artifact directory written by `mmexport build`.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Checkpoint: a local Hugging Face directory or a Hub id.")]
+ImageOpt = Annotated[Optional[list[Path]], typer.Option("--image", help="Image file; repeat for several images.")]
+
+
+def _log(msg: str) -> None:
+    err.print(f"[dim]{msg}[/dim]", highlight=False)
+
+
+@contextmanager
+def _stage(name: str):
+    import time
+
+    t = time.perf_counter()
+    with err.status(f"{name} ...", spinner="dots"):
+        yield
+    err.print(f"[green]done[/green] {name} [dim]({time.perf_counter() - t:.1f} s)[/dim]", highlight=False)
+
+
+@app.command("recipes")
+def recipes_cmd(as_json: JsonOpt = False) -> None:
+    """List the recipes."""
+    from .recipes import list_recipes
+
+    rs = list_recipes()
+    if as_json:
+        print(json.dumps([{"name": r.name, "family": r.family, "source": r.source or "synthetic", "description": r.description} for r in rs], indent=2))
+        return
+    t = Table("recipe", "family", "source", "precision", "description")
+    for r in rs:
+        t.add_row(r.name, r.family, r.source or "synthetic (offline)", r.precision, r.description)
+    out.print(t)
+
+
+@app.command("build")
+def build_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe name (see `mmexport recipes`) or path to a .toml file.")],
+    model: ModelOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: artifacts/RECIPE].")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or fp16 [default: the recipe's].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export every component of a recipe to ONNX and write the artifact directory."""
+    from .recipes import load_recipe
+
+    r = load_recipe(recipe)
+    if precision is not None and precision not in ("fp32", "fp16"):
+        raise UserError(f"--precision must be fp32 or fp16, got {precision!r}")
+    from .export.build import build
+
+    dest = out_dir or Path("artifacts") / r.name
+    res = build(r, dest, model=model, precision=precision, force=force, log=_log, stage=_stage)
+    if as_json:
+        print(json.dumps({"out_dir": str(dest), "seconds": round(res.seconds, 2), "components": res.components}, indent=2))
+        return
+    t = Table("component", "file", "size", "inputs", "export s", title=f"{r.name} -> {dest}")
+    for c in res.components:
+        t.add_row(c["component"], c["file"], _size(c["bytes"]), c["inputs"], f"{c['seconds']:.1f}")
+    out.print(t)
+    err.print(f"built in {res.seconds:.1f} s", highlight=False)
+
+
+@app.command("run")
+def run_cmd(
+    artifacts: ArtifactDir,
+    prompt: Annotated[str, typer.Option("--prompt", help="The user's text.")],
+    image: ImageOpt = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1)] = None,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy (default).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears; repeatable.")] = None,
+    raw_prompt: Annotated[bool, typer.Option("--raw-prompt", help="Use the prompt as is, without the chat template.")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="ort (ONNX Runtime).")] = "ort",
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer a prompt (with images) using the exported graphs. Torch-free."""
+    from .runtime.pipeline import Pipeline
+    from .runtime.sampling import SamplingParams
+
+    pipe = Pipeline(artifacts, backend=backend)
+    limit = int(pipe.manifest.limits["max_new_tokens"])
+    n = max_new_tokens or limit
+    if n > limit:
+        raise UserError(f"--max-new-tokens {n} exceeds this build's limit of {limit}")
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    res = pipe.generate(prompt, list(image or []), max_new_tokens=n, sampling=params, stop=stop or [],
+                        raw_prompt=raw_prompt, on_text=None if as_json else stream)
+    if as_json:
+        print(json.dumps(res.to_dict()))
+        return
+    sys.stdout.write("\n")
+    tm = res.timings_ms
+    err.print(
+        f"[dim]{res.prompt_tokens} prompt tokens, {len(res.token_ids)} generated ({res.stop_reason}); "
+        f"preprocess {tm['preprocess']:.0f} ms, vision {tm['vision']:.0f} ms, prefill {tm['prefill']:.0f} ms, "
+        f"decode {res.tokens_per_s:.1f} tok/s[/dim]",
+        highlight=False,
+    )
+
+
+@app.command("verify")
+def verify_cmd(
+    artifacts: ArtifactDir,
+    model: ModelOpt = None,
+    image: ImageOpt = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt for the end-to-end check.")] = None,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="Greedy tokens to compare [default: the recipe's].")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the same inputs through PyTorch and the exported graphs; exit 1 beyond the recipe's tolerances."""
+    from .verify import render_report, verify
+
+    report = verify(artifacts, model=model, images=list(image or []), prompt=prompt, tokens=tokens, log=_log)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render_report(report, out)
+    if not report.passed:
+        raise VerificationFailed(f"verification FAILED: {'; '.join(report.failures)}")
+
+
+@app.command("inspect")
+def inspect_cmd(artifacts: ArtifactDir, as_json: JsonOpt = False) -> None:
+    """Show what an artifact directory's manifest holds."""
+    from .runtime.manifest import load_manifest
+
+    m = load_manifest(artifacts, check_files=False)
+    d = m.data
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    src = d["source"]
+    out.print(f"[bold]{artifacts}[/bold]  recipe [cyan]{d['recipe'].get('name')}[/cyan]  family [cyan]{d['family']}[/cyan]  "
+              f"precision [cyan]{d['precision']}[/cyan]  opset {d['opset']}  schema {d['schema_version']}", highlight=False)
+    out.print(f"source: {src.get('kind')} {src.get('repo_id') or src.get('path')}  weights sha256 {src.get('weights_sha256', '')[:16]}...", highlight=False)
+    out.print("limits: " + ", ".join(f"{k}={v}" for k, v in d["limits"].items()), highlight=False)
+    for name, c in d["components"].items():
+        t = Table("", "tensor", "dtype", "shape", title=f"{name}  ({c['file']}, sha256 {c['sha256'][:12]}...)", title_justify="left")
+        spec = c["spec"]
+        for io, key in (("in", "inputs"), ("out", "outputs")):
+            for tt in spec[key]:
+                t.add_row(io, tt["name"], tt["dtype"], "[" + ", ".join(str(x) for x in tt["shape"]) + "]")
+        out.print(t)
+        dims = "; ".join(f"{n} {v['min']}..{v['max']} (opt {v['opt']})" for n, v in spec["dims"].items())
+        out.print(f"  dims: {dims}", highlight=False)
+        for p, over in spec.get("profiles", {}).items():
+            out.print(f"  profile {p}: " + "; ".join(f"{n} {v['min']}..{v['max']} (opt {v['opt']})" for n, v in over.items()), highlight=False)
+    tok = d["tokenizer"]
+    out.print(f"tokenizer: {tok['file']}, chat template {'yes' if tok.get('chat_template') else 'no'}, eos ids {tok['eos_token_ids']}", highlight=False)
+    out.print("model: " + json.dumps(d["model"]), highlight=False)
+    out.print("versions: " + ", ".join(f"{k} {v}" for k, v in d["versions"].items()), highlight=False)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def main() -> None:
+    try:
+        app()
+    except (UserError, VerificationFailed) as e:
+        err.print(f"[red]error:[/red] {e}" if isinstance(e, UserError) else f"[red]{e}[/red]", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

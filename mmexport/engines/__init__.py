@@ -1,0 +1,42 @@
+"""TensorRT / TensorRT-RTX engines for exported components.
+
+Importing this package imports neither TensorRT flavour (nor torch): the flavour is imported by
+`resolve_flavor`, when an engine is built.
+"""
+from __future__ import annotations
+
+from mmexport.engines.builder import EngineBuildError, OnnxParseError, build_engine, write_engine_dir
+from mmexport.engines.flavors import FLAVORS, Flavor, available_flavors, resolve_flavor
+from mmexport.engines.metadata import (
+    METADATA_FILE,
+    check_engine_metadata,
+    current_compute_capability,
+    engine_dir_name,
+    file_sha256,
+    find_engine_dir,
+    list_engine_dirs,
+    load_metadata,
+    normalize_cc,
+)
+from mmexport.engines.trtexec import trtexec_command
+
+__all__ = [
+    "FLAVORS",
+    "METADATA_FILE",
+    "EngineBuildError",
+    "Flavor",
+    "OnnxParseError",
+    "available_flavors",
+    "build_engine",
+    "check_engine_metadata",
+    "current_compute_capability",
+    "engine_dir_name",
+    "file_sha256",
+    "find_engine_dir",
+    "list_engine_dirs",
+    "load_metadata",
+    "normalize_cc",
+    "resolve_flavor",
+    "trtexec_command",
+    "write_engine_dir",
+]

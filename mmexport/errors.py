@@ -1,0 +1,14 @@
+"""Exceptions that the CLI's single error boundary turns into exit codes.
+
+UserError: the user asked for something that cannot be done (bad recipe name, missing file, a prompt
+longer than the context, a corrupt artifact); one line on stderr, exit 2.
+VerificationFailed: the exported model does not answer like the original; exit 1.
+"""
+
+
+class UserError(Exception):
+    exit_code = 2
+
+
+class VerificationFailed(Exception):
+    exit_code = 1

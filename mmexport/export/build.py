@@ -1,0 +1,214 @@
+"""`mmexport build`: recipe -> checkpoint -> components -> ONNX graphs -> artifact directory.
+
+The build writes into a temporary sibling directory and renames it into place at the very end, so a
+failed or interrupted build never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import __version__
+from ..errors import UserError
+from ..models import get_adapter
+from ..models.base import resolve_source
+from ..recipes import Recipe
+from ..runtime.manifest import sha256_file, write_manifest
+from .onnx_export import export_component
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    components: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def build(
+    recipe: Recipe,
+    out_dir: Path,
+    model: str | None = None,
+    precision: str | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    stage: Callable[[str], Any] | None = None,
+) -> BuildResult:
+    """Export every component of `recipe` into `out_dir`. `stage(name)` is a context-manager factory for progress."""
+    t0 = time.perf_counter()
+    stage = stage or _null_stage
+    precision = precision or recipe.precision
+    if precision not in recipe.tolerances:
+        raise UserError(f"recipe {recipe.name} has no tolerances for precision {precision!r}")
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir} already exists; pass --force to replace it")
+    adapter = get_adapter(recipe.family)
+
+    with stage("checkpoint"):
+        model_dir, source = resolve_source(recipe, model, adapter, log=log)
+        adapter.check_checkpoint(model_dir)
+        source["weights_sha256"] = _weights_digest(model_dir)
+    with stage("load"):
+        torch_model = adapter.load(model_dir)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    try:
+        (tmp / "onnx").mkdir()
+        files: list[str] = []
+        comps: dict[str, Any] = {}
+        result = BuildResult(out_dir)
+        for comp in adapter.components(torch_model, recipe, model_dir):
+            with stage(f"export {comp.spec.name}"):
+                t1 = time.perf_counter()
+                path = export_component(comp, tmp / "onnx", recipe.opset, log=log)
+                if precision == "fp16":
+                    from .precision import convert_fp16
+
+                    convert_fp16(path, comp.spec)
+                rel = [str(p.relative_to(tmp)) for p in sorted(path.parent.glob(path.name + "*"))]
+                files += rel
+                comps[comp.spec.name] = {
+                    "file": str(path.relative_to(tmp)),
+                    "data_files": [r for r in rel if r != str(path.relative_to(tmp))],
+                    "sha256": sha256_file(path),
+                    "spec": comp.spec.to_dict(),
+                }
+                size = sum((tmp / r).stat().st_size for r in rel)
+                result.components.append(
+                    {
+                        "component": comp.spec.name,
+                        "file": str(path.relative_to(tmp)),
+                        "bytes": size,
+                        "inputs": ", ".join(f"{t.name}{list(t.shape)}" for t in comp.spec.inputs[:3])
+                        + (f", +{len(comp.spec.inputs) - 3} more" if len(comp.spec.inputs) > 3 else ""),
+                        "seconds": round(time.perf_counter() - t1, 2),
+                    }
+                )
+        with stage("tokenizer + manifest"):
+            tok = _copy_tokenizer(model_dir, tmp / "tokenizer")
+            files += tok.pop("files")
+            manifest = {
+                "mmexport_version": __version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "recipe": recipe.to_dict(),
+                "family": recipe.family,
+                "source": source,
+                "precision": precision,
+                "opset": recipe.opset,
+                "limits": {
+                    "max_images": recipe.limits.max_images,
+                    "max_context": recipe.limits.max_context,
+                    "max_new_tokens": recipe.limits.max_new_tokens,
+                },
+                "components": comps,
+                "tokenizer": tok,
+                "model": adapter.runtime_config(torch_model, model_dir, recipe),
+                "versions": _versions(),
+                "files": files,
+            }
+            write_manifest(tmp, manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _weights_digest(model_dir: Path) -> str:
+    """sha256 over the checkpoint's weight files (name + content), the identity of what was exported."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(model_dir.glob("*.safetensors")):
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _special_tokens(cfg: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        v = cfg.get(key)
+        if isinstance(v, dict):
+            v = v.get("content")
+        if v:
+            out[key] = v
+    return out
+
+
+def _copy_tokenizer(model_dir: Path, dest: Path) -> dict[str, Any]:
+    dest.mkdir(parents=True)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise UserError(f"{model_dir}: no tokenizer.json (the runtime needs the fast tokenizer file)")
+    files = []
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, dest / name)
+            files.append(f"tokenizer/{name}")
+    tcfg = json.loads((model_dir / "tokenizer_config.json").read_text()) if (model_dir / "tokenizer_config.json").is_file() else {}
+    template = None
+    if (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text()
+    elif (model_dir / "chat_template.json").is_file():
+        template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
+    elif isinstance(tcfg.get("chat_template"), str):
+        template = tcfg["chat_template"]
+    if template:
+        (dest / "chat_template.jinja").write_text(template)
+        files.append("tokenizer/chat_template.jinja")
+
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(str(dest / "tokenizer.json"))
+    eos: list[int] = []
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        e = json.loads(gen.read_text()).get("eos_token_id")
+        eos += e if isinstance(e, list) else ([e] if e is not None else [])
+    special = _special_tokens(tcfg)
+    if "eos_token" in special and tk.token_to_id(special["eos_token"]) is not None:
+        eos.append(tk.token_to_id(special["eos_token"]))
+    return {
+        "file": "tokenizer/tokenizer.json",
+        "chat_template": "tokenizer/chat_template.jinja" if template else None,
+        "special_tokens": special,
+        "eos_token_ids": sorted(set(int(i) for i in eos)),
+        "files": files,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import torch
+    import transformers
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+
+        v["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return v
+
+
+class _null_stage:
+    def __init__(self, name: str):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

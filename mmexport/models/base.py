@@ -1,0 +1,119 @@
+"""What every family adapter provides, and the checkpoint-source resolution they share.
+
+Export side only: this module may import torch (lazily, through the adapters).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..recipes import Recipe
+from ..spec import ComponentSpec
+from .synthetic import synthetic_dir
+
+
+@dataclass
+class ExportComponent:
+    """A component ready for export: its declaration, the torch module and example inputs.
+
+    `example` is keyed by the spec's input names; its dynamic sizes are never 0 or 1 (those would be
+    specialized by the tracer) and differ from the sizes verify later feeds.
+    """
+
+    spec: ComponentSpec
+    module: Any  # torch.nn.Module
+    example: dict[str, Any]  # name -> torch.Tensor
+
+
+class FamilyAdapter:
+    """Base class of the family adapters (see mmexport/models/__init__.py)."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()  # accepted config.json `model_type` values
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def make_synthetic(self, recipe: Recipe, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def check_checkpoint(self, model_dir: Path) -> dict[str, Any]:
+        """config.json of `model_dir`, after checking it is of this family's architecture."""
+        cfg_path = model_dir / "config.json"
+        if not cfg_path.is_file():
+            raise UserError(f"{model_dir}: not a Hugging Face checkpoint (no config.json)")
+        cfg = json.loads(cfg_path.read_text())
+        mt = cfg.get("model_type")
+        if mt not in self.model_types:
+            raise UserError(
+                f"{model_dir}: checkpoint architecture {mt!r} does not match recipe family {self.family!r} "
+                f"(expects model_type {' or '.join(self.model_types)})"
+            )
+        return cfg
+
+    def load(self, model_dir: Path):
+        raise NotImplementedError
+
+    # -- export --------------------------------------------------------------------------------
+    def specs(self, model, recipe: Recipe, model_dir: Path) -> list[ComponentSpec]:
+        """The declaration of every component (drives export, manifest, engines, runtime, verify)."""
+        raise NotImplementedError
+
+    def components(self, model, recipe: Recipe, model_dir: Path) -> list[ExportComponent]:
+        """`specs` paired with torch modules and example inputs."""
+        raise NotImplementedError
+
+    def runtime_config(self, model, model_dir: Path, recipe: Recipe) -> dict[str, Any]:
+        """What the torch-free runtime needs (goes into manifest.json under "model")."""
+        raise NotImplementedError
+
+
+def resolve_source(recipe: Recipe, model_override: str | None, adapter: FamilyAdapter, log=print) -> tuple[Path, dict]:
+    """The local checkpoint directory to export, and a description of where it came from.
+
+    Order: --model (a local directory, or a Hugging Face id fetched with huggingface_hub), else the
+    recipe's synthetic block (materialized once into the cache), else the recipe's model id.
+    """
+    source = model_override or recipe.source
+    if model_override is None and recipe.synthetic is not None:
+        out = synthetic_dir(recipe.name, recipe.synthetic)
+        if not (out / "config.json").is_file():
+            log(f"creating synthetic checkpoint for {recipe.name} in {out}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+            try:
+                adapter.make_synthetic(recipe, tmp)
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.rename(out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out, {"kind": "synthetic", "recipe": recipe.name, "path": str(out), "seed": recipe.synthetic.get("seed", 0)}
+    assert source is not None
+    p = Path(source).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"--model {source}: not a directory")
+        return p.resolve(), {"kind": "local", "path": str(p.resolve())}
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise UserError(f"--model {source}: no such directory (and not a Hugging Face id of the form org/name)")
+    return _download(source, recipe.revision if model_override is None else None)
+
+
+def _download(repo_id: str, revision: str | None) -> tuple[Path, dict]:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{repo_id}: fetching from the Hub needs huggingface_hub (pip install huggingface_hub)") from None
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "*.model"],
+        )
+    except Exception as e:  # network errors, gated repos, unknown ids: one line for the user
+        raise UserError(f"could not fetch {repo_id} from the Hugging Face Hub: {type(e).__name__}: {e}".splitlines()[0]) from None
+    p = Path(path)
+    return p, {"kind": "hub", "repo_id": repo_id, "revision": p.name, "path": str(p)}

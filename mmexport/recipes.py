@@ -1,0 +1,145 @@
+"""Recipes: data files (recipes/NAME.toml) that say what to export and how it must behave.
+
+A recipe names a model family (the adapter that knows the architecture), a weight source (a Hugging
+Face id or local directory, or a `synthetic` block that builds a tiny seeded checkpoint offline),
+limits (images per prompt, context, new tokens), export precision, and parity tolerances.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What verify demands of one precision."""
+
+    component_max_abs: float
+    component_min_cosine: float
+    logits_max_abs: float
+    greedy_tokens: int
+    min_token_agreement: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Tolerance":
+        return cls(
+            component_max_abs=float(d["component_max_abs"]),
+            component_min_cosine=float(d.get("component_min_cosine", 0.9999)),
+            logits_max_abs=float(d["logits_max_abs"]),
+            greedy_tokens=int(d.get("greedy_tokens", 16)),
+            min_token_agreement=float(d.get("min_token_agreement", 1.0)),
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int
+    max_context: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    family: str
+    description: str
+    source: str | None  # HF id or local path; None when synthetic
+    revision: str | None
+    synthetic: dict[str, Any] | None
+    limits: Limits
+    precision: str
+    opset: int
+    tolerances: dict[str, Tolerance]
+    path: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def tolerance(self, precision: str) -> Tolerance:
+        if precision not in self.tolerances:
+            raise UserError(f"recipe {self.name} declares no tolerances for precision {precision!r}")
+        return self.tolerances[precision]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.raw
+
+
+def _require(d: dict[str, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise UserError(f"{where}: missing key {key!r}")
+    return d[key]
+
+
+def parse_recipe(data: dict[str, Any], name: str, path: Path | None = None) -> Recipe:
+    where = str(path) if path else f"recipe {name}"
+    src = _require(data, "source", where)
+    synthetic = src.get("synthetic")
+    model = src.get("model")
+    if (synthetic is None) == (model is None):
+        raise UserError(f"{where}: [source] needs exactly one of 'model' or a [source.synthetic] table")
+    lim = _require(data, "limits", where)
+    exp = data.get("export", {})
+    precision = exp.get("precision", "fp32")
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"{where}: export.precision must be fp32 or fp16, got {precision!r}")
+    tols = {k: Tolerance.from_dict(v) for k, v in _require(data, "tolerances", where).items()}
+    return Recipe(
+        name=data.get("name", name),
+        family=_require(data, "family", where),
+        description=data.get("description", ""),
+        source=model,
+        revision=src.get("revision"),
+        synthetic=synthetic,
+        limits=Limits(
+            max_images=int(_require(lim, "max_images", where)),
+            max_context=int(_require(lim, "max_context", where)),
+            max_new_tokens=int(_require(lim, "max_new_tokens", where)),
+        ),
+        precision=precision,
+        opset=int(exp.get("opset", 18)),
+        tolerances=tols,
+        path=path,
+        raw=data,
+    )
+
+
+def recipe_dirs() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get("MMEXPORT_RECIPES", "").split(os.pathsep) if p]
+    dirs.append(RECIPES_DIR)
+    return dirs
+
+
+def list_recipes() -> list[Recipe]:
+    seen: dict[str, Recipe] = {}
+    for d in recipe_dirs():
+        for p in sorted(d.glob("*.toml")):
+            if p.stem not in seen:
+                seen[p.stem] = load_recipe(str(p))
+    return list(seen.values())
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A recipe by name (searched in $MMEXPORT_RECIPES, then recipes/) or by path to a .toml file."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.is_file():
+        path = p
+    else:
+        path = next((d / f"{name_or_path}.toml" for d in recipe_dirs() if (d / f"{name_or_path}.toml").is_file()), None)
+        if path is None:
+            known = sorted({q.stem for d in recipe_dirs() for q in d.glob("*.toml")})
+            raise UserError(f"unknown recipe {name_or_path!r}; known recipes: {', '.join(known) or 'none'}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None
+    return parse_recipe(data, path.stem, path)

@@ -1,0 +1,1 @@
+"""Torch-free runtime: nothing under this package may import torch or transformers."""

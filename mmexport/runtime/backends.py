@@ -1,0 +1,90 @@
+"""Backends: each component runs in a runner with one small interface (after Polygraphy's runners):
+`activate()`, `infer(feed) -> dict`, `deactivate()`; feeds are checked against the component's
+declaration before they reach the engine.
+
+ONNX Runtime lives here; the TensorRT runner shares the interface. Heavy modules are imported when a
+runner is activated, so this module imports with neither installed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from ..spec import ComponentSpec
+
+
+class Runner:
+    def __init__(self, path: Path, spec: ComponentSpec):
+        self.path = Path(path)
+        self.spec = spec
+        self.active = False
+
+    def activate(self) -> "Runner":
+        self.active = True
+        return self
+
+    def deactivate(self) -> None:
+        self.active = False
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.active:
+            raise RuntimeError(f"runner for {self.spec.name} is not active")
+        try:
+            self.spec.check_feed(feed)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return self._infer(feed)
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.activate()
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+
+class OrtRunner(Runner):
+    """An ONNX Runtime session for one component."""
+
+    def __init__(self, path: Path, spec: ComponentSpec, providers: list[str] | None = None, threads: int | None = None):
+        super().__init__(path, spec)
+        self.providers = providers
+        self.threads = threads
+        self.session = None
+
+    def activate(self) -> "OrtRunner":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = self.threads or int(os.environ.get("MMEXPORT_THREADS", "0") or 0)
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        providers = self.providers or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        return super().activate()
+
+    def deactivate(self) -> None:
+        self.session = None
+        super().deactivate()
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self._outputs, feed)
+        return dict(zip(self._outputs, outs))
+
+
+BACKENDS: dict[str, Any] = {"ort": OrtRunner}
+
+
+def make_runner(backend: str, path: Path, spec: ComponentSpec, **kw) -> Runner:
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; available: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[backend](path, spec, **kw)

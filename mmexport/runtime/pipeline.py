@@ -1,0 +1,240 @@
+"""The torch-free pipeline that stitches the exported components together (Method A):
+
+  preprocess image -> vision_encoder -> projector -> merge into the token embeddings
+  -> decoder prefill -> decode loop (one token at a time, KV cache carried between steps)
+
+Family specifics (patching, rotary tables, position ids) come from the family runtime named in the
+manifest; everything else here is generic and backend-independent.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from .backends import make_runner
+from .families import family_runtime
+from .image import load_image
+from .manifest import load_manifest
+from .prompt import PromptBuilder, user_message
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass
+class Prepared:
+    input_ids: np.ndarray  # [S] int64
+    images: list[Any]  # family EncodedImage objects
+    position_ids: np.ndarray  # [3, 1, S]
+    rope_delta: int
+    text: str  # the rendered prompt (placeholders expanded)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    stop_reason: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        # decode throughput: tokens after the first, over the decode time
+        n = max(len(self.token_ids) - 1, 0)
+        t = self.timings_ms.get("decode", 0.0)
+        return n / (t / 1000.0) if n and t > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": len(self.token_ids),
+            "stop_reason": self.stop_reason,
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "tokens_per_s": round(self.tokens_per_s, 3),
+        }
+
+
+class KVCache:
+    """Past keys/values per layer, as the decoder's `past_*` inputs want them.
+
+    The exported decoder returns the whole present cache (past + new); the cache keeps those arrays
+    and feeds them back on the next step.
+    """
+
+    def __init__(self, decoder_spec, batch: int = 1):
+        self.names = [t.name for t in decoder_spec.inputs if t.name.startswith("past_")]
+        self.arrays: dict[str, np.ndarray] = {}
+        for t in decoder_spec.inputs:
+            if t.name in self.names:
+                shape = tuple(0 if d == "past_len" else (batch if d == "batch" else d) for d in t.shape)
+                self.arrays[t.name] = np.zeros(shape, dtype=t.dtype)
+
+    @property
+    def length(self) -> int:
+        return int(next(iter(self.arrays.values())).shape[2]) if self.arrays else 0
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return dict(self.arrays)
+
+    def update(self, outputs: dict[str, np.ndarray]) -> None:
+        for name in self.names:
+            self.arrays[name] = outputs["present_" + name[len("past_") :]]
+
+
+class Pipeline:
+    def __init__(self, artifact_dir: Path | str, backend: str = "ort", check_files: bool = True, **runner_kw):
+        self.manifest = load_manifest(artifact_dir, check_files=check_files)
+        m = self.manifest
+        self.family = family_runtime(m.family, m.model)
+        self.specs = m.components
+        self.runners = {
+            name: make_runner(backend, m.component_file(name), spec, **runner_kw).activate() for name, spec in self.specs.items()
+        }
+        tok = m.tokenizer
+        template = (m.root / tok["chat_template"]).read_text() if tok.get("chat_template") else None
+        self.prompts = PromptBuilder(template, m.root / tok["file"], tok.get("special_tokens", {}))
+        self.eos_ids = set(int(i) for i in tok.get("eos_token_ids", []))
+        self.max_context = int(m.limits["max_context"])
+        self.max_images = int(m.limits["max_images"])
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.deactivate()
+
+    # -- pieces (verify calls these one by one) -----------------------------------------------------
+    def prepare(self, prompt: str, images: Sequence[Any] = (), raw_prompt: bool = False) -> Prepared:
+        """Render, expand and tokenize the prompt; preprocess the images (paths or PIL images)."""
+        if len(images) > self.max_images:
+            raise UserError(f"{len(images)} images given; this build allows at most {self.max_images} per prompt")
+        encoded = [self.family.preprocess(load_image(im) if isinstance(im, (str, Path)) else im) for im in images]
+        text = prompt if raw_prompt else self.prompts.render(user_message(prompt, len(encoded)))
+        if encoded or self.family.image_token in text:
+            text = PromptBuilder.expand_placeholders(text, self.family.image_token, [self.family.image_token_count(e) for e in encoded])
+        ids = np.asarray(self.prompts.encode(text), dtype=np.int64)
+        if len(ids) == 0:
+            raise UserError("the prompt is empty")
+        if len(ids) >= self.max_context:
+            raise UserError(f"the prompt is {len(ids)} tokens; this build's context is {self.max_context} tokens")
+        pos, delta = self.family.prompt_positions(ids, encoded)
+        return Prepared(ids, encoded, pos, delta, text)
+
+    def encode_image(self, img) -> tuple[np.ndarray, np.ndarray]:
+        """(vision hidden states, image embeddings) for one preprocessed image."""
+        hidden = self.runners["vision_encoder"].infer(self.family.vision_feeds(img))["vision_hidden"]
+        embeds = self.runners["projector"].infer({"vision_hidden": hidden})["image_embeds"]
+        return hidden, embeds
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.runners["embed_tokens"].infer({"input_ids": ids.reshape(1, -1).astype(np.int64)})["inputs_embeds"]
+
+    def merge(self, ids: np.ndarray, text_embeds: np.ndarray, image_embeds: Sequence[np.ndarray]) -> np.ndarray:
+        """Put the image embeddings at the image-token positions, in order."""
+        out = text_embeds.copy()
+        if image_embeds:
+            where = np.flatnonzero(ids == self.family.image_token_id)
+            flat = np.concatenate(image_embeds, axis=0)
+            if len(where) != len(flat):
+                raise UserError(f"{len(where)} image tokens in the prompt for {len(flat)} image embeddings")
+            out[0, where] = flat.astype(out.dtype)
+        return out
+
+    def decoder_step(self, embeds: np.ndarray, position_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run the decoder on `embeds` [1, S, H] after the cached tokens; returns last-position logits [V]."""
+        total = cache.length + embeds.shape[1]
+        feed = {
+            "inputs_embeds": embeds,
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+            "attention_mask": np.ones((1, total), dtype=np.int64),
+            **cache.feeds(),
+        }
+        out = self.runners["decoder"].infer(feed)
+        cache.update(out)
+        return out["logits"][0, -1]
+
+    # -- the whole request ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str,
+        images: Sequence[Any] = (),
+        max_new_tokens: int = 64,
+        sampling: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+        raw_prompt: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prep = self.prepare(prompt, images, raw_prompt=raw_prompt)
+        t1 = time.perf_counter()
+        timings["preprocess"] = (t1 - t0) * 1e3
+        image_embeds = [self.encode_image(im)[1] for im in prep.images]
+        t2 = time.perf_counter()
+        timings["vision"] = (t2 - t1) * 1e3
+
+        cache = KVCache(self.specs["decoder"])
+        embeds = self.merge(prep.input_ids, self.embed(prep.input_ids), image_embeds)
+        logits = self.decoder_step(embeds, prep.position_ids, cache)
+        t3 = time.perf_counter()
+        timings["prefill"] = (t3 - t2) * 1e3
+        timings["ttft"] = (t3 - t0) * 1e3
+
+        budget = min(max_new_tokens, self.max_context - len(prep.input_ids))
+        sampler = Sampler(sampling)
+        stream = _TextStream(self.prompts, stop, on_text)
+        generated: list[int] = []
+        reason = "length"
+        while len(generated) < budget:
+            tok = sampler(logits)
+            if tok in self.eos_ids:
+                reason = "eos"
+                break
+            generated.append(tok)
+            if stream.push(generated):
+                reason = "stop"
+                break
+            if len(generated) == budget:
+                break
+            pos = self.family.step_positions(cache.length, 1, prep.rope_delta)
+            logits = self.decoder_step(self.embed(np.asarray([tok])), pos, cache)
+        stream.finish()
+        t4 = time.perf_counter()
+        timings["decode"] = (t4 - t3) * 1e3
+        timings["total"] = (t4 - t0) * 1e3
+        return GenerationResult(stream.text, generated, int(len(prep.input_ids)), reason, timings)
+
+
+class _TextStream:
+    """Incremental detokenization with stop strings; emits only complete characters."""
+
+    def __init__(self, prompts: PromptBuilder, stop: Sequence[str], on_text: Callable[[str], None] | None):
+        self.prompts, self.stop, self.on_text = prompts, [s for s in stop if s], on_text
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, ids: list[int]) -> bool:
+        text = self.prompts.decode(ids)
+        hit = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self.text = text[:hit]
+            self._emit(len(self.text))
+            return True
+        self.text = text
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            # hold back a tail that could still become a stop string
+            hold = max((len(s) - 1 for s in self.stop), default=0)
+            self._emit(max(self.emitted, len(text) - hold))
+        return False
+
+    def _emit(self, upto: int) -> None:
+        if self.on_text and upto > self.emitted:
+            self.on_text(self.text[self.emitted : upto])
+        self.emitted = max(self.emitted, upto)
+
+    def finish(self) -> None:
+        self._emit(len(self.text))

@@ -1,0 +1,54 @@
+"""Next-token choice from logits: greedy, or temperature / top-k / top-p sampling with a seeded RNG.
+
+The order of the filters follows transformers' logits processors (temperature, then top-k, then
+top-p), so a seeded run is reproducible and the distribution is the one `generate` samples from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        """logits [vocab] (any float dtype) -> token id."""
+        p = self.params
+        x = logits.astype(np.float64)
+        if p.greedy:
+            return int(np.argmax(x))
+        x = x / p.temperature
+        if p.top_k > 0 and p.top_k < x.size:
+            kth = np.partition(x, -p.top_k)[-p.top_k]
+            x = np.where(x < kth, -np.inf, x)
+        if p.top_p < 1.0:
+            order = np.argsort(x)  # ascending, as transformers' TopPLogitsWarper
+            probs = _softmax(x[order])
+            cum = np.cumsum(probs)
+            remove = cum <= (1.0 - p.top_p)
+            remove[-1] = False  # always keep the most likely token
+            x[order[remove]] = -np.inf
+        probs = _softmax(x)
+        return int(self.rng.choice(x.size, p=probs))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x)
+    e = np.exp(x - m)
+    return e / e.sum()

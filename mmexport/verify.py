@@ -1,0 +1,235 @@
+"""`mmexport verify`: does the exported model answer like the PyTorch original?
+
+The same real inputs (images at sizes other than the traced ones, several images in one prompt, and a
+text-only prompt) go through transformers and through the exported graphs:
+
+- inputs: prompt token ids, preprocessed pixels and M-RoPE positions from the torch-free runtime
+  against transformers' tokenizer, image processor and get_rope_index;
+- per component, each fed the reference's own input (so errors do not compound): max abs error,
+  max rel error, cosine similarity, NaN/Inf;
+- end to end through the runtime pipeline: first-token logits error, and N greedy tokens against
+  transformers' `generate`.
+
+Results are objects; the CLI renders them as a table or JSON and exits 1 when they fail the recipe's
+tolerances for the build's precision.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass
+class Comparison:
+    case: str
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    finite: bool
+    tol_abs: float
+    tol_cos: float
+    shape: list[int]
+
+    @property
+    def passed(self) -> bool:
+        return self.finite and self.max_abs <= self.tol_abs and self.cosine >= self.tol_cos
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass
+class Check:
+    """An exact check (ids, positions) or the end-to-end token comparison."""
+
+    case: str
+    name: str
+    passed: bool
+    detail: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VerifyReport:
+    artifacts: str
+    precision: str
+    backend: str
+    tolerance: dict[str, Any]
+    comparisons: list[Comparison] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[str]:
+        f = [f"{c.case}/{c.name}: max_abs {c.max_abs:.3g} (tol {c.tol_abs:g}), cosine {c.cosine:.6f}" + ("" if c.finite else ", NaN/Inf")
+             for c in self.comparisons if not c.passed]
+        return f + [f"{c.case}/{c.name}: {c.detail}" for c in self.checks if not c.passed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "artifacts": self.artifacts,
+            "precision": self.precision,
+            "backend": self.backend,
+            "passed": self.passed,
+            "tolerance": self.tolerance,
+            "comparisons": [c.to_dict() for c in self.comparisons],
+            "checks": [c.to_dict() for c in self.checks],
+            "failures": self.failures,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, tol_abs: float, tol_cos: float) -> Comparison:
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if got.shape != ref.shape:
+        return Comparison(case, name, float("inf"), float("inf"), -1.0, False, tol_abs, tol_cos, list(got.shape))
+    finite = bool(np.isfinite(got).all())
+    diff = np.abs(got - ref)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / (np.abs(ref) + 1e-6)).max()) if diff.size else 0.0
+    denom = float(np.linalg.norm(got) * np.linalg.norm(ref))
+    cosine = float(np.dot(got.ravel(), ref.ravel()) / denom) if denom > 0 else float(np.array_equal(got, ref))
+    return Comparison(case, name, max_abs, max_rel, cosine, finite, tol_abs, tol_cos, list(got.shape))
+
+
+def default_images() -> list[Any]:
+    """Two deterministic images of different odd sizes (and not the traced 6x10-patch grid)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    out = []
+    for h, w in ((123, 77), (180, 260)):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 3) % 256], -1)
+        noise = rng.integers(0, 40, size=(h, w, 3))
+        out.append(Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)))
+    return out
+
+
+def verify(
+    artifacts: Path,
+    model: str | None = None,
+    images: list[Path] | None = None,
+    prompt: str | None = None,
+    tokens: int | None = None,
+    backend: str = "ort",
+    log: Callable[[str], None] = print,
+) -> VerifyReport:
+    from .models import get_adapter
+    from .models.base import resolve_source
+    from .recipes import parse_recipe
+    from .runtime.image import load_image
+    from .runtime.pipeline import KVCache, Pipeline
+    from .runtime.prompt import user_message
+    from .runtime.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    pipe = Pipeline(artifacts, backend=backend)
+    m = pipe.manifest
+    recipe = parse_recipe(m.data["recipe"], m.data["recipe"].get("name", "recipe"))
+    tol = recipe.tolerance(m.data["precision"])
+    n_tokens = tokens or tol.greedy_tokens
+    adapter = get_adapter(m.family)
+
+    src = m.data["source"]
+    if model is None and src.get("kind") in ("local", "hub") and Path(src["path"]).is_dir():
+        model = src["path"]
+    model_dir, _ = resolve_source(recipe, model, adapter, log=log)
+    log(f"reference: transformers on {model_dir}")
+    torch_model = adapter.load(model_dir)
+
+    report = VerifyReport(str(artifacts), m.data["precision"], backend, asdict(tol))
+    from .export.build import _weights_digest
+
+    digest = _weights_digest(model_dir)
+    report.checks.append(Check("build", "source weights", digest == src.get("weights_sha256"),
+                               "same checkpoint as the build" if digest == src.get("weights_sha256")
+                               else "the reference checkpoint is not the one this build was exported from"))
+
+    pil_images = [load_image(p) for p in images] if images else default_images()
+    text = prompt or "Describe the images in detail."
+    cases = [("images", text, pil_images[: pipe.max_images]), ("text-only", "Write one sentence about the sea.", [])]
+    for case, case_prompt, case_images in cases:
+        log(f"case {case}: {len(case_images)} image(s)")
+        ref_in = adapter.reference_inputs(torch_model, model_dir, user_message(case_prompt, len(case_images)), case_images)
+        ref = adapter.reference_outputs(torch_model, ref_in)
+        prep = pipe.prepare(case_prompt, case_images)
+
+        same_ids = np.array_equal(prep.input_ids, ref["input_ids"])
+        report.checks.append(Check(case, "prompt tokens", same_ids, f"{len(prep.input_ids)} tokens, "
+                                   + ("identical to transformers" if same_ids else f"transformers has {len(ref['input_ids'])}")))
+        if not same_ids:
+            continue
+        if "position_ids" in ref:
+            same_pos = np.array_equal(prep.position_ids, ref["position_ids"])
+            report.checks.append(Check(case, "position ids", same_pos, "identical to transformers" if same_pos else "differ from transformers"))
+
+        for i, img in enumerate(prep.images):
+            tag = f"{case}[{i}]"
+            report.comparisons.append(compare(tag, "preprocess", img.pixel_values, ref["pixel_values"][i], 1e-5, 0.999999))
+            hidden = pipe.runners["vision_encoder"].infer(pipe.family.vision_feeds(img))["vision_hidden"]
+            report.comparisons.append(compare(tag, "vision_encoder", hidden, ref["vision_encoder"][i], tol.component_max_abs, tol.component_min_cosine))
+            proj = pipe.runners["projector"].infer({"vision_hidden": ref["vision_encoder"][i].astype(np.float32)})["image_embeds"]
+            report.comparisons.append(compare(tag, "projector", proj, ref["projector"][i], tol.component_max_abs, tol.component_min_cosine))
+
+        report.comparisons.append(compare(case, "embed_tokens", pipe.embed(prep.input_ids), ref["embed_tokens"], tol.component_max_abs, tol.component_min_cosine))
+        logits = pipe.decoder_step(ref["decoder_inputs_embeds"].astype(np.float32), prep.position_ids, KVCache(pipe.specs["decoder"]))
+        report.comparisons.append(compare(case, "decoder", logits, ref["logits"], tol.logits_max_abs, tol.component_min_cosine))
+
+        # end to end: the runtime's own chain
+        image_embeds = [pipe.encode_image(im)[1] for im in prep.images]
+        e2e = pipe.decoder_step(pipe.merge(prep.input_ids, pipe.embed(prep.input_ids), image_embeds), prep.position_ids, KVCache(pipe.specs["decoder"]))
+        report.comparisons.append(compare(case, "first-token logits", e2e, ref["logits"], tol.logits_max_abs, tol.component_min_cosine))
+
+        ref_tokens = adapter.reference_generate(torch_model, ref_in, n_tokens)
+        ours = pipe.generate(case_prompt, case_images, max_new_tokens=n_tokens, sampling=SamplingParams()).token_ids
+        # transformers keeps the EOS it stopped on; the runtime stops before it
+        ref_cmp = [t for t in ref_tokens if t not in pipe.eos_ids] if len(ref_tokens) > len(ours) else ref_tokens
+        agree = _agreement(ours, ref_cmp)
+        ok = agree >= tol.min_token_agreement and (tol.min_token_agreement < 1.0 or ours == ref_cmp)
+        report.checks.append(Check(case, f"greedy {n_tokens} tokens", ok,
+                                   f"{agree:.0%} agree" + (" (identical)" if ours == ref_cmp else ""),
+                                   {"ours": ours, "transformers": ref_cmp}))
+    pipe.close()
+    report.seconds = time.perf_counter() - t0
+    (Path(artifacts) / "verify.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _agreement(a: list[int], b: list[int]) -> float:
+    """Fraction of the reference's positions where the tokens agree (both sequences greedy)."""
+    n = max(len(a), len(b))
+    if n == 0:
+        return 1.0
+    return sum(1 for x, y in zip(a, b) if x == y) / n
+
+
+def render_report(report: VerifyReport, console) -> None:
+    from rich.table import Table
+
+    t = Table("case", "stage", "max abs", "max rel", "cosine", "finite", "tol abs", "", title=f"verify {report.artifacts} ({report.precision}, {report.backend})")
+    for c in report.comparisons:
+        t.add_row(c.case, c.name, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", f"{c.cosine:.7f}", "yes" if c.finite else "NO",
+                  f"{c.tol_abs:g}", "[green]ok[/green]" if c.passed else "[red]FAIL[/red]")
+    console.print(t)
+    t2 = Table("case", "check", "result", "")
+    for c in report.checks:
+        t2.add_row(c.case, c.name, c.detail, "[green]ok[/green]" if c.passed else "[red]FAIL[/red]")
+    console.print(t2)
+    console.print("[bold green]PASSED[/bold green]" if report.passed else "[bold red]FAILED[/bold red]", f"({report.seconds:.1f} s)")

@@ -1,0 +1,4 @@
+"""`python -m mmexport ...` == `mmexport ...`."""
+from .cli import main
+
+main()

@@ -1,0 +1,62 @@
+"""Shared fixtures: an isolated cache, the CLI as a subprocess, and one tiny build per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("mmexport-cache")
+    os.environ["MMEXPORT_CACHE"] = str(d)  # synthetic checkpoints never land in the user's home
+    return d
+
+
+def run_cli(*args: str, env: dict | None = None, check: int | None = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m mmexport ARGS` the way a user runs the command; assert its exit code."""
+    e = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO), **(env or {})}
+    p = subprocess.run([sys.executable, "-m", "mmexport", *map(str, args)], capture_output=True, text=True, env=e, timeout=timeout, cwd=REPO)
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode} != {check}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(cache_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("build") / "qwen2-vl-tiny"
+    run_cli("build", "qwen2-vl-tiny", "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(cache_dir) -> Path:
+    """The tiny recipe's synthetic checkpoint: an ordinary local Hugging Face directory."""
+    from mmexport.models import get_adapter
+    from mmexport.models.base import resolve_source
+    from mmexport.recipes import load_recipe
+
+    r = load_recipe("qwen2-vl-tiny")
+    d, _ = resolve_source(r, None, get_adapter(r.family), log=lambda m: None)
+    return d
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> list[Path]:
+    """Three images of odd, different sizes and formats."""
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (h, w, ext) in enumerate(((123, 77, "png"), (64, 201, "jpg"), (300, 240, "png"))):
+        p = d / f"img{i}.{ext}"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths

@@ -1,0 +1,44 @@
+"""fp16 builds: weights in fp16, norms/softmax/rotary kept in fp32, verify within the recipe's fp16 bounds."""
+from __future__ import annotations
+
+import json
+
+import onnx
+from onnx import TensorProto, shape_inference
+
+from conftest import run_cli
+from mmexport.export.precision import FP32_OPS
+
+
+def _elem_types(model):
+    inferred = shape_inference.infer_shapes(model)
+    types = {i.name: i.type.tensor_type.elem_type for i in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types.update({i.name: i.data_type for i in inferred.graph.initializer})
+    return types
+
+
+def test_fp16_build_keeps_fp32_islands_and_verifies(cache_dir, tmp_path):
+    out = tmp_path / "fp16"
+    run_cli("build", "qwen2-vl-tiny", "--precision", "fp16", "--out", out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "fp16"
+    for name, c in m["components"].items():
+        model = onnx.load(str(out / c["file"]))
+        # the interface is the declared one (fp32 in, fp32 out) at every precision
+        assert [i.type.tensor_type.elem_type for i in model.graph.input] == [
+            TensorProto.FLOAT if t["dtype"] == "float32" else TensorProto.INT64 for t in c["spec"]["inputs"]]
+        big = [i for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] * i.dims[1] >= 1024]
+        assert big and all(i.data_type == TensorProto.FLOAT16 for i in big), name
+        types = _elem_types(model)
+        islands = [n for n in model.graph.node if n.op_type in ("Softmax", "LayerNormalization", "ReduceMean", "Cos", "Sin")]
+        for n in islands:
+            assert n.op_type in FP32_OPS
+            assert types.get(n.input[0]) == TensorProto.FLOAT, f"{name}: {n.op_type} {n.name} not in fp32"
+        if name in ("vision_encoder", "decoder"):
+            assert any(n.op_type == "Softmax" for n in islands)
+    rep = json.loads(run_cli("verify", out, "--json").stdout)
+    assert rep["passed"], rep["failures"]
+    tol = rep["tolerance"]
+    assert tol["component_max_abs"] > 1e-4  # the recipe's fp16 bounds, not fp32's
+    worst = max(c["max_abs"] for c in rep["comparisons"] if c["name"] in ("vision_encoder", "projector"))
+    assert worst > 1e-5  # really computed in fp16 (fp32 graphs are ~1e-5 or better)

@@ -1,7 +1,10 @@
 """mmexport.runtime.qwen2_vl's M-RoPE and vision rotary tables against transformers' Qwen2-VL (the real code).
 
 - rope_index          vs Qwen2VLModel.get_rope_index (position ids [3, S] and mrope_position_deltas)
-- step_positions      vs Qwen2VLModel.compute_3d_position_ids during decode (a real KV cache of the prompt)
+- step_positions      vs Qwen2VLModel.compute_3d_position_ids during decode (a real KV cache of the prompt), and vs
+                        generate's own position bookkeeping (_prepare_position_ids_for_generation, then
+                        _update_model_kwargs_for_generation per token), which also covers text-only prompts
+- image_token_count   vs the rows the real vision tower emits per image
 - vision_rotary_tables vs transformers.vision_utils.get_vision_position_ids + Qwen2VLVisionRotaryEmbedding
 """
 from __future__ import annotations
@@ -12,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers import Qwen2VLConfig, Qwen2VLModel  # noqa: E402
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLModel  # noqa: E402
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig  # noqa: E402
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding  # noqa: E402
 from transformers.vision_utils import get_vision_position_ids  # noqa: E402
@@ -28,7 +31,7 @@ MERGE = 2
 
 
 @pytest.fixture(scope="module")
-def model() -> Qwen2VLModel:
+def gen_model() -> Qwen2VLForConditionalGeneration:
     cfg = Qwen2VLConfig(
         vision_config=dict(
             depth=1,
@@ -56,7 +59,12 @@ def model() -> Qwen2VLModel:
         vision_end_token_id=VEND,
     )
     torch.manual_seed(0)
-    return Qwen2VLModel(cfg).eval()
+    return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model(gen_model) -> Qwen2VLModel:
+    return gen_model.model
 
 
 def _image(t: int, h: int, w: int) -> list[int]:
@@ -174,9 +182,10 @@ def test_image_token_count_matches_vision_tower(model):
     assert [rt.image_token_count(_encoded(g)) for g in grids] == [int(f.shape[0]) for f in feats]
 
 
-@pytest.mark.parametrize("grids", [[(1, 4, 6)], [(1, 4, 6), (1, 8, 4), (1, 2, 2)], []])
+@pytest.mark.parametrize("grids", [[(1, 4, 6)], [(1, 4, 6), (1, 8, 4), (1, 2, 2)]])
 def test_step_positions_match_transformers_decode(model, grids):
-    """Prefill through the real language model, then ask compute_3d_position_ids for decode positions."""
+    """Prefill through the real language model, then ask compute_3d_position_ids for decode positions
+    (its rope_deltas path: arange(past, past + n) + delta). Text-only prompts: see test_positions_match_generate."""
     rng = np.random.default_rng(7)
     ids = _text(rng, 3)
     for g in grids:
@@ -185,11 +194,7 @@ def test_step_positions_match_transformers_decode(model, grids):
     model.rope_deltas = None
     with torch.no_grad():
         emb = model.get_input_embeddings()(x)
-        kw = dict(image_grid_thw=torch.tensor(grids), mm_token_type_ids=(x == IMAGE).int()) if grids else {}
-        pre = model.compute_3d_position_ids(x, emb, **kw)
-        if pre is None:  # text only: transformers lets the text model use arange, and keeps no delta
-            pre = torch.arange(len(ids)).view(1, 1, -1).expand(3, 1, -1)
-            model.rope_deltas = torch.zeros(1, 1, dtype=torch.long)
+        pre = model.compute_3d_position_ids(x, emb, image_grid_thw=torch.tensor(grids), mm_token_type_ids=(x == IMAGE).int())
         cache = model.language_model(inputs_embeds=emb, position_ids=pre, use_cache=True).past_key_values
     pos, delta = rope_index(ids, grids, IMAGE, MERGE)
     np.testing.assert_array_equal(pos, pre[:, 0].numpy())
@@ -208,6 +213,32 @@ def test_step_positions_match_transformers_decode(model, grids):
             np.testing.assert_array_equal(ours, np.broadcast_to(np.arange(past, past + count) + delta, (3, 1, count)))
             model.language_model(inputs_embeds=e, position_ids=ref, past_key_values=cache, use_cache=True)
     model.rope_deltas = None
+
+
+@pytest.mark.parametrize("grids", [[(1, 4, 6)], [(1, 4, 6), (1, 8, 4), (1, 2, 2)], []])
+def test_positions_match_generate(gen_model, grids):
+    """generate's own bookkeeping: _prepare_position_ids_for_generation for the prompt (text-only prompts get a
+    plain arange and a zero delta), then _update_model_kwargs_for_generation once per new token."""
+    rng = np.random.default_rng(3)
+    ids = _text(rng, 4)
+    for g in grids:
+        ids += _image(*g) + _text(rng, 3)
+    x = torch.tensor([ids])
+    kw = {"attention_mask": torch.ones_like(x)}
+    if grids:
+        kw.update(mm_token_type_ids=(x == IMAGE).int(), image_grid_thw=torch.tensor(grids))
+    gen_model.model.rope_deltas = None
+    pos4 = gen_model._prepare_position_ids_for_generation(x, kw)  # [text; t; h; w]
+    rt = _runtime(gen_model.model)
+    pos, delta = rt.prompt_positions(ids, [_encoded(g) for g in grids])
+    np.testing.assert_array_equal(pos, pos4[1:].numpy())
+    assert delta == int(gen_model.model.rope_deltas.reshape(-1)[0])
+    mk = {"position_ids": pos4}
+    for k in range(5):
+        mk = gen_model._update_model_kwargs_for_generation({}, mk, num_new_tokens=1)
+        ref = mk["position_ids"][1:, :, -1:].numpy()
+        np.testing.assert_array_equal(rt.step_positions(len(ids) + k, 1, delta), ref)
+    gen_model.model.rope_deltas = None
 
 
 @pytest.mark.parametrize("head_dim", [16, 80])
@@ -239,6 +270,10 @@ def test_vision_rotary_tables_match_model_rotary(model):
         cos, sin = vision_rotary_tables(h, w, vis.spatial_merge_size, head_dim, theta)
         np.testing.assert_allclose(cos, ref_cos.numpy(), rtol=0, atol=1e-6)
         np.testing.assert_allclose(sin, ref_sin.numpy(), rtol=0, atol=1e-6)
+        # and what the runtime feeds the exported vision encoder
+        feeds = _runtime(model).vision_feeds(_encoded((1, h, w)))
+        np.testing.assert_allclose(feeds["rotary_cos"], ref_cos.numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(feeds["rotary_sin"], ref_sin.numpy(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

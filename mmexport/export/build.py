@@ -88,8 +88,8 @@ def build(
                         "component": comp.spec.name,
                         "file": str(path.relative_to(tmp)),
                         "bytes": size,
-                        "inputs": ", ".join(f"{t.name}{list(t.shape)}" for t in comp.spec.inputs[:3])
-                        + (f", +{len(comp.spec.inputs) - 3} more" if len(comp.spec.inputs) > 3 else ""),
+                        "inputs": ", ".join(t.name for t in comp.spec.inputs[:3])
+                        + (f" +{len(comp.spec.inputs) - 3} more" if len(comp.spec.inputs) > 3 else ""),
                         "seconds": round(time.perf_counter() - t1, 2),
                     }
                 )

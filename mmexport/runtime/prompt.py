@@ -44,6 +44,21 @@ def _compile(template: str):
     return env.from_string(template)
 
 
+# The names a message's reasoning goes by; templates read the first (transformers fills all of them).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
 def user_message(prompt: str, num_images: int) -> list[dict[str, Any]]:
     """One user turn: the images first, then the text (as in the model cards' examples)."""
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
@@ -60,11 +75,23 @@ class PromptBuilder:
         self.special_tokens = special_tokens  # bos_token, eos_token, ... as the template sees them
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        import jinja2
+
         if not self.chat_template:
             raise UserError("this checkpoint has no chat template; use --raw-prompt")
-        return _compile(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
-        )
+        try:
+            template = _compile(self.chat_template)
+            # What apply_chat_template hands the template: `tools` and `documents` defined (None), message keys
+            # whose value is None dropped, reasoning under its aliases, then the special tokens.
+            return template.render(
+                messages=_template_messages(messages),
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+            )
+        except jinja2.TemplateError as e:
+            raise UserError(f"the chat template failed: {e}") from None
 
     @staticmethod
     def expand_placeholders(text: str, placeholder: str, counts: Sequence[int]) -> str:

@@ -29,23 +29,30 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         """logits [vocab] (any float dtype) -> token id."""
-        p = self.params
-        x = logits.astype(np.float64)
-        if p.greedy:
-            return int(np.argmax(x))
+        if self.params.greedy:
+            return int(np.argmax(logits))
+        probs = _softmax(filter_logits(logits, self.params))
+        return int(self.rng.choice(probs.size, p=probs))
+
+
+def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """float64 logits [vocab] after temperature, top-k and top-p, the removed tokens set to -inf
+    (transformers' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, in that order).
+    With temperature <= 0 (greedy) no temperature is applied."""
+    p = params
+    x = np.array(logits, dtype=np.float64)  # a copy: the caller's logits stay as they are
+    if p.temperature > 0.0 and p.temperature != 1.0:
         x = x / p.temperature
-        if p.top_k > 0 and p.top_k < x.size:
-            kth = np.partition(x, -p.top_k)[-p.top_k]
-            x = np.where(x < kth, -np.inf, x)
-        if p.top_p < 1.0:
-            order = np.argsort(x)  # ascending, as transformers' TopPLogitsWarper
-            probs = _softmax(x[order])
-            cum = np.cumsum(probs)
-            remove = cum <= (1.0 - p.top_p)
-            remove[-1] = False  # always keep the most likely token
-            x[order[remove]] = -np.inf
-        probs = _softmax(x)
-        return int(self.rng.choice(x.size, p=probs))
+    if p.top_k > 0 and p.top_k < x.size:
+        kth = np.partition(x, -p.top_k)[-p.top_k]
+        x[x < kth] = -np.inf
+    if p.top_p < 1.0:
+        order = np.argsort(x, kind="stable")  # ascending, as transformers' TopPLogitsWarper
+        cum = np.cumsum(_softmax(x[order]))
+        remove = cum <= (1.0 - p.top_p)
+        remove[-1] = False  # always keep the most likely token
+        x[order[remove]] = -np.inf
+    return x
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -71,6 +71,8 @@ def build_cmd(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: artifacts/RECIPE].")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or fp16 [default: the recipe's].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    engines: Annotated[bool, typer.Option("--engines", help="Also build TensorRT engines (as `mmexport engines`).")] = False,
+    flavor: Annotated[str, typer.Option("--flavor", help="Engine flavour with --engines: auto, tensorrt, tensorrt-rtx.")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Export every component of a recipe to ONNX and write the artifact directory."""
@@ -83,13 +85,25 @@ def build_cmd(
 
     dest = out_dir or Path("artifacts") / r.name
     res = build(r, dest, model=model, precision=precision, force=force, log=_log, stage=_stage)
+    engine_info = None
+    if engines:
+        from .engines.commands import build_engines
+
+        with _stage("engines"):
+            engine_dir, meta = build_engines(dest, flavor=flavor, log=_log)
+        engine_info = (engine_dir, meta)
     if as_json:
-        print(json.dumps({"out_dir": str(dest), "seconds": round(res.seconds, 2), "components": res.components}, indent=2))
+        data = {"out_dir": str(dest), "seconds": round(res.seconds, 2), "components": res.components}
+        if engine_info:
+            data["engines"] = {"engine_dir": str(engine_info[0]), **engine_info[1]}
+        print(json.dumps(data, indent=2, default=str))
         return
     t = Table("component", "file", "size", "inputs", "export s", title=f"{r.name} -> {dest}")
     for c in res.components:
         t.add_row(c["component"], c["file"], _size(c["bytes"]), c["inputs"], f"{c['seconds']:.1f}")
     out.print(t)
+    if engine_info:
+        _print_engines(*engine_info, False)
     err.print(f"built in {res.seconds:.1f} s", highlight=False)
 
 
@@ -105,7 +119,7 @@ def run_cmd(
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears; repeatable.")] = None,
     raw_prompt: Annotated[bool, typer.Option("--raw-prompt", help="Use the prompt as is, without the chat template.")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="ort (ONNX Runtime).")] = "ort",
+    backend: Annotated[str, typer.Option("--backend", help="ort (ONNX Runtime) or trt (TensorRT engines from `mmexport engines`).")] = "ort",
     as_json: JsonOpt = False,
 ) -> None:
     """Answer a prompt (with images) using the exported graphs. Torch-free."""
@@ -145,18 +159,78 @@ def verify_cmd(
     image: ImageOpt = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt for the end-to-end check.")] = None,
     tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="Greedy tokens to compare [default: the recipe's].")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="ort or trt.")] = "ort",
     as_json: JsonOpt = False,
 ) -> None:
     """Run the same inputs through PyTorch and the exported graphs; exit 1 beyond the recipe's tolerances."""
     from .verify import render_report, verify
 
-    report = verify(artifacts, model=model, images=list(image or []), prompt=prompt, tokens=tokens, log=_log)
+    report = verify(artifacts, model=model, images=list(image or []), prompt=prompt, tokens=tokens, backend=backend, log=_log)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         render_report(report, out)
     if not report.passed:
         raise VerificationFailed(f"verification FAILED: {'; '.join(report.failures)}")
+
+
+@app.command("engines")
+def engines_cmd(
+    artifacts: ArtifactDir,
+    flavor: Annotated[str, typer.Option("--flavor", help="auto, tensorrt or tensorrt-rtx.")] = "auto",
+    workspace: Annotated[Optional[int], typer.Option("--workspace", min=1, help="Builder workspace limit in MB.")] = None,
+    timing_cache: Annotated[Optional[Path], typer.Option("--timing-cache", help="Timing cache file to read and update.")] = None,
+    print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec lines instead of building.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild engines that are up to date.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build one TensorRT engine per component (profiles from the component declarations)."""
+    from .engines.commands import build_engines, trtexec_lines
+
+    if flavor not in ("auto", "tensorrt", "tensorrt-rtx"):
+        raise UserError(f"--flavor must be auto, tensorrt or tensorrt-rtx, got {flavor!r}")
+    if print_trtexec:
+        print("\n".join(trtexec_lines(artifacts, workspace_mb=workspace, timing_cache=timing_cache)))
+        return
+    engine_dir, meta = build_engines(artifacts, flavor=flavor, workspace_mb=workspace, timing_cache=timing_cache, force=force, log=_log)
+    _print_engines(engine_dir, meta, as_json)
+
+
+def _print_engines(engine_dir: Path, meta: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"engine_dir": str(engine_dir), **meta}, indent=2, default=str))
+        return
+    t = Table("component", "engine", "size", "profiles", "build s", title=f"{meta.get('flavor')} {meta.get('version')} -> {engine_dir}")
+    for name, c in meta["components"].items():
+        t.add_row(name, Path(c["engine"]).name, _size(int(c.get("engine_bytes", 0))), ", ".join(c.get("profile_names", [])),
+                  f"{float(c.get('build_seconds') or 0):.1f}")
+    out.print(t)
+
+
+@app.command("lint")
+def lint_cmd(artifacts: ArtifactDir, as_json: JsonOpt = False) -> None:
+    """List what in each graph is risky for TensorRT (ops, dtypes, data-dependent shapes, profiles)."""
+    from .lint import has_errors, lint_artifacts, lint_report_json, render_lint
+
+    findings = lint_artifacts(artifacts)
+    if as_json:
+        print(json.dumps(lint_report_json(artifacts, findings), indent=2))
+    else:
+        render_lint(findings, out, artifacts)
+    if has_errors(findings):
+        raise VerificationFailed("lint found graphs TensorRT will not accept")
+
+
+@app.command("doctor")
+def doctor_cmd(as_json: JsonOpt = False) -> None:
+    """What this machine has (Python, ONNX Runtime, TensorRT, CUDA, Jetson) and what it can do."""
+    from .doctor import doctor, render_doctor
+
+    d = doctor()
+    if as_json:
+        print(json.dumps(d, indent=2, default=str))
+    else:
+        render_doctor(d, out)
 
 
 @app.command("inspect")

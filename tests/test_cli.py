@@ -222,3 +222,24 @@ def test_verify_fails_with_exit_1_against_another_checkpoint(tiny_artifacts, tin
     assert not rep["passed"]
     names = " ".join(rep["failures"])
     assert "source weights" in names and "decoder" in names
+
+
+# -- TensorRT: engines, trtexec lines, lint, doctor (real TensorRT-RTX builder, no GPU needed) -----------
+def test_engines_lint_doctor_commands(tiny_artifacts):
+    pytest.importorskip("tensorrt_rtx_bindings")
+    p = run_cli("engines", tiny_artifacts, "--json")
+    meta = json.loads(p.stdout)
+    assert meta["flavor"] == "tensorrt-rtx"
+    assert set(meta["components"]) == {"vision_encoder", "projector", "embed_tokens", "decoder"}
+    for name, c in meta["components"].items():
+        assert c["engine_bytes"] > 0 and (Path(meta["engine_dir"]) / Path(c["engine"]).name).is_file(), name
+    assert meta["components"]["decoder"]["profile_names"] == ["prefill", "decode"]
+    lines = run_cli("engines", tiny_artifacts, "--print-trtexec").stdout
+    assert lines.count("--onnx=onnx/") == 4 and "--profile=1" in lines and "--stronglyTyped" in lines
+    lint = json.loads(run_cli("lint", tiny_artifacts, "--json").stdout)
+    assert not [f for f in lint["findings"] if f["severity"] == "error"]
+    doc = json.loads(run_cli("doctor", "--json").stdout)
+    assert doc["capabilities"]["can_build_engines"]["ok"] is True
+    # without a GPU (or cuda-python) the trt backend says why, in one line
+    if not doc["capabilities"]["can_run_engines"]["ok"]:
+        _one_line_error(run_cli("run", tiny_artifacts, "--backend", "trt", "--prompt", "hi", check=2), "trt backend")

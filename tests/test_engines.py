@@ -25,6 +25,7 @@ from mmexport.engines import (  # noqa: E402
     find_engine_dir,
     load_metadata,
     normalize_cc,
+    onnx_identity_sha256,
     resolve_flavor,
     trtexec_command,
     write_engine_dir,
@@ -157,7 +158,9 @@ def test_build_engine_two_profiles(model_dir: Path, tmp_path: Path, rtx):
     assert meta["engine_bytes"] == out.stat().st_size
     assert meta["engine_sha256"] == _sha256(out)
     assert meta["flavor"] == "tensorrt-rtx" and meta["version"] == RTX_VERSION
-    assert meta["onnx_sha256"] == _sha256(onnx_path)
+    # The identity covers the external weights too: not the .onnx file's sha256 alone.
+    assert meta["onnx_sha256"] == onnx_identity_sha256(onnx_path) != _sha256(onnx_path)
+    assert meta["onnx_data"] == ["tiny.onnx.data"]
     assert meta["component"] == "tiny" and meta["onnx"] == "tiny.onnx" and meta["engine"] == "tiny.engine"
     # No explicit target: TensorRT-RTX's default, portable across compute capability 8.0+.
     assert meta["compute_capability"] is None and meta["compute_targets"] == []
@@ -207,7 +210,7 @@ def test_write_engine_dir_and_check(model_dir: Path, tmp_path: Path, rtx):
     assert set(on_disk["components"]) == {"text_decoder", "tiny_head"}
     assert find_engine_dir(tmp_path, "tensorrt-rtx", RTX_VERSION, "8.9") == engine_dir
 
-    shas = {"text_decoder": _sha256(onnx_path), "tiny_head": _sha256(onnx_path)}
+    shas = {"text_decoder": onnx_identity_sha256(onnx_path), "tiny_head": onnx_identity_sha256(onnx_path)}
     check_engine_metadata(on_disk, shas, rtx, None)
     check_engine_metadata(on_disk, shas, ("tensorrt-rtx", RTX_VERSION), "8.9", export_dir=tmp_path)
 
@@ -396,7 +399,7 @@ def test_check_engine_metadata_sha_mismatch_and_missing_component():
 
 def test_check_engine_metadata_accepts_a_single_component_dict(model_dir: Path, tmp_path: Path, rtx):
     meta = build_engine(model_dir / "tiny.onnx", _spec(profiles=False), tmp_path / "tiny.engine", rtx)
-    check_engine_metadata(meta, {"tiny": _sha256(model_dir / "tiny.onnx")}, rtx, "8.6")
+    check_engine_metadata(meta, {"tiny": onnx_identity_sha256(model_dir / "tiny.onnx")}, rtx, "8.6")
     with pytest.raises(UserError, match="from a different ONNX"):
         check_engine_metadata(meta, {"tiny": "0" * 64}, rtx, "8.6")
 
@@ -409,3 +412,303 @@ def test_normalize_cc():
         normalize_cc("ampere")
     assert engine_dir_name("tensorrt", "10.3.0", "8.7") == "tensorrt-10.3.0-sm87"
     assert engine_dir_name("tensorrt-rtx", "1.7.1", None, ["8.6", "12.0"]) == "tensorrt-rtx-1.7.1-sm86+sm120"
+
+
+# ---------------------------------------------------------------------------------------------- ONNX identity
+
+
+def test_onnx_identity_covers_external_data(tmp_path: Path):
+    from mmexport.engines import combine_onnx_identity, external_data_files
+
+    onnx_path = _tiny_model(tmp_path / "m.onnx")
+    data = tmp_path / "m.onnx.data"
+    assert external_data_files(onnx_path) == ["m.onnx.data"]
+    before = onnx_identity_sha256(onnx_path)
+    assert before == combine_onnx_identity(_sha256(onnx_path), {"m.onnx.data": _sha256(data)})
+    # New weights under an unchanged graph: the .onnx sha256 stays, the identity does not.
+    onnx_sha = _sha256(onnx_path)
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert _sha256(onnx_path) == onnx_sha
+    assert onnx_identity_sha256(onnx_path) != before
+    # Without external data the identity is the file's own sha256 (older metadata stays valid).
+    inline = _tiny_model(tmp_path / "inline.onnx", external_data=False)
+    assert external_data_files(inline) == []
+    assert onnx_identity_sha256(inline) == _sha256(inline)
+
+
+def test_changed_weights_rebuild_the_engine(tmp_path: Path, rtx):
+    onnx_path = _tiny_model(tmp_path / "w.onnx")
+    comps = [(_spec("w", profiles=False), onnx_path)]
+    write_engine_dir(tmp_path, comps, rtx)
+    data = tmp_path / "w.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    lines: list[str] = []
+    _, meta = write_engine_dir(tmp_path, comps, rtx, log=lines.append)
+    assert not any("up to date" in line for line in lines)
+    assert meta["components"]["w"]["onnx_sha256"] == onnx_identity_sha256(onnx_path)
+
+
+# ---------------------------------------------------------------------------------------------- whole artifacts
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+COMPONENTS = {"vision_encoder", "projector", "embed_tokens", "decoder"}
+
+
+def build_tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`mmexport build qwen2-vl-tiny` once per pytest session (shared by test_engines and test_lint_doctor
+    through the session's base temp dir), with its own synthetic-checkpoint cache."""
+    root = tmp_path_factory.getbasetemp() / "engines-tiny-artifact"
+    art = root / "qwen2-vl-tiny"
+    if not (art / "manifest.json").is_file():
+        env = {**os.environ, "MMEXPORT_CACHE": str(root / "cache"), "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+        p = subprocess.run(
+            [sys.executable, "-m", "mmexport", "build", "qwen2-vl-tiny", "--out", str(art), "--force"],
+            capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+        )
+        assert p.returncode == 0, f"build failed:\n{p.stdout}\n{p.stderr}"
+    return art
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_artifact(tmp_path_factory)
+
+
+@pytest.fixture
+def artifact_copy(tiny_artifact: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "art"
+    shutil.copytree(tiny_artifact, dest, ignore=shutil.ignore_patterns("engines"))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def built_engines(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny artifact (a copy) with TensorRT-RTX engines for every component, built by build_engines."""
+    from mmexport.engines.commands import build_engines
+
+    art = tmp_path_factory.mktemp("with-engines") / "art"
+    shutil.copytree(tiny_artifact, art)
+    lines: list[str] = []
+    engine_dir, meta = build_engines(art, "tensorrt-rtx", workspace_mb=256, log=lines.append)
+    return art, engine_dir, meta, lines
+
+
+def test_build_engines_every_component(built_engines):
+    from mmexport.engines.commands import manifest_onnx_identities
+    from mmexport.runtime.manifest import load_manifest
+
+    art, engine_dir, meta, lines = built_engines
+    assert engine_dir == art / "engines" / f"tensorrt-rtx-{RTX_VERSION}"
+    assert set(meta["components"]) == COMPONENTS
+    m = load_manifest(art)
+    ids = manifest_onnx_identities(m)
+    for name, comp in meta["components"].items():
+        assert (engine_dir / comp["engine"]).stat().st_size == comp["engine_bytes"] > 0
+        # The manifest's identity is the one a fresh hash of .onnx + .onnx.data gives.
+        assert comp["onnx_sha256"] == ids[name] == onnx_identity_sha256(m.component_file(name))
+        assert comp["onnx_data"] == [f"{name}.onnx.data"]
+        assert comp["workspace_mb"] == 256
+    dec = meta["components"]["decoder"]
+    assert dec["profile_names"] == ["prefill", "decode"]
+    assert dec["input_shapes"]["decode"]["inputs_embeds"]["max"][1] == 1
+    assert load_metadata(engine_dir) == json.loads(json.dumps(meta))
+    check_engine_metadata(load_metadata(engine_dir), ids, ("tensorrt-rtx", RTX_VERSION), "8.6", export_dir=art)
+
+
+def test_build_engines_keeps_up_to_date_engines(built_engines):
+    from mmexport.engines.commands import build_engines
+
+    art, engine_dir, _, _ = built_engines
+    lines: list[str] = []
+    d, _ = build_engines(art, "tensorrt-rtx", workspace_mb=256, log=lines.append)
+    assert d == engine_dir
+    assert sum("up to date" in line for line in lines) == len(COMPONENTS)
+
+
+def test_build_engines_refuses_a_modified_artifact(artifact_copy: Path):
+    from mmexport.engines.commands import build_engines
+
+    data = artifact_copy / "onnx" / "projector.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(UserError, match="does not match its sha256"):
+        build_engines(artifact_copy, "tensorrt-rtx", log=None)
+
+
+def test_trtexec_lines(tiny_artifact: Path):
+    from mmexport.engines.commands import trtexec_lines
+
+    lines = trtexec_lines(tiny_artifact, workspace_mb=1024, timing_cache="engines/timing.cache")
+    cmds = [line for line in lines if line.startswith('"$TRTEXEC"')]
+    assert len(cmds) == len(COMPONENTS)
+    for name in COMPONENTS:
+        (cmd,) = [c for c in cmds if f"--onnx=onnx/{name}.onnx " in c]
+        assert f"--saveEngine=engines/trtexec/{name}.engine" in cmd
+        assert "--stronglyTyped" in cmd and "--memPoolSize=workspace:1024M" in cmd
+        assert "--timingCacheFile=engines/timing.cache" in cmd
+        assert str(tiny_artifact) not in cmd  # relative paths: they run on the target from DIR
+    (dec,) = [c for c in cmds if "decoder.onnx" in c]
+    assert "--profile=0" in dec and "--profile=1" in dec
+    assert lines[-1] == "python3 -m mmexport.engines.commands adopt . engines/trtexec --flavor tensorrt"
+    script = "\n".join(lines)
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_trtexec_lines_run_end_to_end_with_a_stand_in_trtexec(artifact_copy: Path, tmp_path: Path):
+    """Run the printed lines from DIR with a fake trtexec (writes --saveEngine) and the real adopt step."""
+    from mmexport.engines.commands import trtexec_lines
+    from mmexport.runtime.trt import resolve_engine
+
+    fake = tmp_path / "fake-trtexec"
+    fake.write_text(
+        "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in --saveEngine=*) printf 'engine' > \"${a#--saveEngine=}\";; esac; done\n"
+    )
+    fake.chmod(0o755)
+    bindir = Path(sys.executable).parent  # the adopt line calls `python3`: this interpreter's
+    if not (bindir / "python3").exists():
+        pytest.skip(f"no python3 beside {sys.executable}")
+    script = "\n".join(trtexec_lines(artifact_copy, flavor_name_for_path="tensorrt-rtx"))
+    env = {**os.environ, "TRTEXEC": str(fake), "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    p = subprocess.run(["bash", "-e"], input=script, text=True, cwd=artifact_copy, env=env, capture_output=True)
+    assert p.returncode == 0, p.stderr
+    engine_dir = artifact_copy / "engines" / f"tensorrt-rtx-{RTX_VERSION}"  # no GPU here: no -sm suffix
+    meta = load_metadata(engine_dir)
+    assert meta["built_by"] == "trtexec" and set(meta["components"]) == COMPONENTS
+    assert not (artifact_copy / "engines" / "trtexec").exists()
+    choice = resolve_engine(artifact_copy, "decoder", "tensorrt-rtx", "8.6")
+    assert choice.engine_path.read_bytes() == b"engine"
+    assert choice.component_meta["profile_names"] == ["prefill", "decode"]
+
+
+def test_adopt_engines_records_the_gpu(artifact_copy: Path, rtx):
+    from mmexport.engines.commands import adopt_engines
+    from mmexport.runtime.trt import resolve_engine
+
+    src = artifact_copy / "engines" / "trtexec"
+    src.mkdir(parents=True)
+    for name in COMPONENTS - {"projector"}:
+        (src / f"{name}.engine").write_bytes(b"x")
+    with pytest.raises(UserError, match="no engine for component.*projector"):
+        adopt_engines(artifact_copy, src, rtx, "8.7", log=None)
+    (src / "projector.engine").write_bytes(b"x")
+    engine_dir, meta = adopt_engines(artifact_copy, "engines/trtexec", rtx, "sm87", log=None)
+    assert engine_dir.name == f"tensorrt-rtx-{RTX_VERSION}-sm87"
+    assert meta["compute_capability"] == "8.7"
+    assert resolve_engine(artifact_copy, "projector", rtx, "8.7").engine_dir == engine_dir
+    with pytest.raises(UserError, match=f"for sm86 .*found tensorrt-rtx-{RTX_VERSION}-sm87.*rebuild with"):
+        resolve_engine(artifact_copy, "projector", rtx, "8.6")
+
+
+# ---------------------------------------------------------------------------------------------- trt runner
+
+
+def test_trt_runtime_imports_without_tensorrt_or_cuda():
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('tensorrt', 'tensorrt_rtx_bindings', 'tensorrt_rtx', 'cuda', 'torch'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from mmexport.runtime.trt import TrtRunner, select_profile\n"
+        "from mmexport.spec import ComponentSpec, TensorSpec\n"
+        "s = ComponentSpec('c', (TensorSpec('x', 'float32', (2,)),), (TensorSpec('y', 'float32', (2,)),))\n"
+        "r = TrtRunner('/nonexistent/onnx/c.onnx', s)\n"
+        "assert not r.active\n"
+        "bad = [m for m in ('tensorrt', 'tensorrt_rtx_bindings', 'cuda', 'torch') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _decoder_shapes(seq: int, past: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"inputs_embeds": (1, seq, 96), "position_ids": (3, 1, seq), "attention_mask": (1, past + seq)}
+    for i in range(2):
+        for kind in ("key", "value"):
+            shapes[f"past_{kind}_{i}"] = (1, 2, past, 24)
+    return shapes
+
+
+def test_select_profile_prefill_vs_decode(built_engines):
+    from mmexport.runtime.trt import profile_table_from_metadata, resolve_engine, select_profile
+
+    art, *_ = built_engines
+    comp = resolve_engine(art, "decoder", "tensorrt-rtx", None).component_meta
+    table = profile_table_from_metadata(comp)
+    assert [list(p) for p in table][0][0] == "inputs_embeds" and len(table) == 2
+    prefill, decode = comp["profile_names"].index("prefill"), comp["profile_names"].index("decode")
+    assert select_profile(table, _decoder_shapes(7, 0)) == prefill  # a prompt
+    assert select_profile(table, _decoder_shapes(1, 0)) == prefill  # a one-token prompt: decode needs past >= 1
+    assert select_profile(table, _decoder_shapes(1, 10)) == decode  # fits both: the narrower profile wins
+    assert select_profile(table, _decoder_shapes(5, 7)) == prefill  # a follow-up chunk after a cache
+    with pytest.raises(UserError, match="no optimization profile"):
+        select_profile(table, _decoder_shapes(600, 0))
+    # One-profile components: the only profile (or none at all).
+    proj = resolve_engine(art, "projector", "tensorrt-rtx", None).component_meta
+    assert select_profile(profile_table_from_metadata(proj), {"vision_hidden": (64, 64)}) == 0
+    assert select_profile([], {"x": (1,)}) == 0
+
+
+def test_resolve_engine_refuses_mismatches(built_engines, tmp_path: Path):
+    from mmexport.runtime.manifest import write_manifest
+    from mmexport.runtime.trt import resolve_engine
+
+    src, *_ = built_engines
+    art = tmp_path / "art"
+    shutil.copytree(src, art)
+    assert resolve_engine(art, "decoder", "auto", "8.9").engine_path.name == "decoder.engine"
+
+    def one_line_rebuild(e: pytest.ExceptionInfo) -> str:
+        msg = str(e.value)
+        assert "\n" not in msg and f"rebuild with `mmexport engines {art}`" in msg
+        return msg
+
+    with pytest.raises(UserError) as e:  # Turing is not among TensorRT-RTX's default targets
+        resolve_engine(art, "decoder", "tensorrt-rtx", "7.5")
+    assert "this GPU is sm75" in one_line_rebuild(e)
+
+    # Re-exported weights (manifest updated, engines stale): refused.
+    data = art / "onnx" / "decoder.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    mpath = art / "manifest.json"
+    write_manifest(art, json.loads(mpath.read_text()))
+    with pytest.raises(UserError) as e:
+        resolve_engine(art, "decoder", "tensorrt-rtx", "8.6")
+    assert "engine decoder was built by" in one_line_rebuild(e) and "from a different ONNX" in str(e.value)
+    resolve_engine(art, "projector", "tensorrt-rtx", "8.6")  # the other components are still fine
+
+    # Engines of another TensorRT-RTX version only.
+    d = art / "engines" / f"tensorrt-rtx-{RTX_VERSION}"
+    d.rename(art / "engines" / "tensorrt-rtx-0.9.0")
+    meta = json.loads((art / "engines" / "tensorrt-rtx-0.9.0" / "engines.json").read_text())
+    meta["version"] = "0.9.0"
+    (art / "engines" / "tensorrt-rtx-0.9.0" / "engines.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError) as e:
+        resolve_engine(art, "projector", "tensorrt-rtx", "8.6")
+    assert f"no TensorRT engines for tensorrt-rtx {RTX_VERSION}" in one_line_rebuild(e)
+    assert "found tensorrt-rtx-0.9.0" in str(e.value)
+
+
+def test_trt_runner_activate_without_gpu_is_a_user_error(built_engines):
+    from mmexport.engines import current_compute_capability
+    from mmexport.runtime.manifest import load_manifest
+    from mmexport.runtime.trt import TrtRunner
+
+    if current_compute_capability() is not None:
+        pytest.skip("a GPU is present: activation would really run")
+    art, *_ = built_engines
+    m = load_manifest(art)
+    runner = TrtRunner(m.component_file("projector"), m.components["projector"], flavor="tensorrt-rtx")
+    # The engine fits (flavour, version, ONNX identity); what is missing is cuda-python or the GPU.
+    with pytest.raises(UserError, match="cuda-python|needs an NVIDIA GPU"):
+        runner.activate()
+    assert not runner.active
+    assert runner.choice is not None and runner.choice.engine_path.name == "projector.engine"

@@ -21,11 +21,13 @@ from mmexport.engines.metadata import (
     current_compute_capability,
     engine_dir_name,
     engines_root,
+    external_data_files,
     file_sha256,
     find_engine_dir,
     list_engine_dirs,
     load_metadata,
     normalize_cc,
+    onnx_identity_sha256,
     save_metadata,
     write_bytes_atomic,
 )
@@ -215,6 +217,7 @@ def build_engine(
     *,
     compute_capabilities: Sequence[CCLike] | None = None,
     verbose: bool = False,
+    onnx_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Build one engine from `onnx_path` into `out_path` and return its metadata.
 
@@ -225,13 +228,16 @@ def build_engine(
     `compute_capabilities` (TensorRT-RTX only): target GPUs, e.g. ["8.6"], ["8.6", "12.0"] or ["current"];
     None keeps TensorRT-RTX's default (portable across compute capability 8.0 and later, no GPU needed).
     NVIDIA TensorRT always builds for the GPU it runs on.
+    `onnx_sha256`: the model's identity when the caller already knows it (e.g. from the manifest); None
+    computes `onnx_identity_sha256(onnx_path)`, which covers the external data files too.
 
     Raises `OnnxParseError` listing every parser error, `EngineBuildError` for a spec mismatch or a failed
     build (with TensorRT's error messages), UserError for a missing flavour or file.
 
     The returned dict: component, flavor, version, compute_capability ("8.7" or None when the engine is
     not tied to one), compute_targets (list of "major.minor"; [] = TensorRT-RTX default targets), onnx,
-    onnx_sha256, engine, engine_bytes, engine_sha256, profiles ({profile: {dim: {min, opt, max}}}, in
+    onnx_sha256 (identity of the .onnx file and its external data), onnx_data (external data locations),
+    engine, engine_bytes, engine_sha256, profiles ({profile: {dim: {min, opt, max}}}, in
     profile-index order), profile_names, input_shapes ({profile: {input: {min, opt, max}}}),
     workspace_mb, parse_seconds, build_seconds.
     """
@@ -355,6 +361,7 @@ def build_engine(
         if tc is not None:
             write_bytes_atomic(timing_cache, tc.serialize())
 
+    data_locations = external_data_files(onnx_path)
     meta = {
         "component": spec.name,
         "flavor": fl.name,
@@ -362,7 +369,8 @@ def build_engine(
         "compute_capability": compute_capability,
         "compute_targets": compute_targets,
         "onnx": onnx_path.name,
-        "onnx_sha256": file_sha256(onnx_path),
+        "onnx_sha256": onnx_sha256 or onnx_identity_sha256(onnx_path, data_locations),
+        "onnx_data": data_locations,
         "engine": out_path.name,
         "engine_bytes": out_path.stat().st_size,
         "engine_sha256": file_sha256(out_path),
@@ -377,11 +385,15 @@ def build_engine(
     return meta
 
 
-def _component_matches(old: Mapping[str, Any], onnx_path: Path, spec: ComponentSpec, engine_dir: Path) -> bool:
+def _component_matches(
+    old: Mapping[str, Any], onnx_path: Path, spec: ComponentSpec, engine_dir: Path, identity: str | None = None
+) -> bool:
     if not (engine_dir / str(old.get("engine", ""))).is_file():
         return False
     want_profiles = {p: {n: d.to_dict() for n, d in dims.items()} for p, dims in spec.profile_dims().items()}
-    return old.get("onnx_sha256") == file_sha256(onnx_path) and old.get("profiles") == want_profiles
+    if old.get("profiles") != want_profiles:
+        return False
+    return old.get("onnx_sha256") == (identity or onnx_identity_sha256(onnx_path))
 
 
 def write_engine_dir(
@@ -395,11 +407,14 @@ def write_engine_dir(
     compute_capabilities: Sequence[CCLike] | None = None,
     force: bool = False,
     verbose: bool = False,
+    onnx_sha256s: Mapping[str, str] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Build every component into ``DIR/engines/<flavor>-<version>[-sm<cc>]/`` and write ``engines.json``.
 
     `components`: (spec, onnx path) pairs (or {name: (spec, onnx path)}). A component whose engine
-    already exists in that directory for the same ONNX sha256 and profiles is kept unless `force`.
+    already exists in that directory for the same ONNX identity and profiles is kept unless `force`.
+    `onnx_sha256s`: {component: ONNX identity} when the caller knows them (the manifest); the rest are
+    computed with `onnx_identity_sha256`.
     Returns (engine directory, metadata written to its engines.json).
     """
     log = log or _noop
@@ -436,7 +451,8 @@ def write_engine_dir(
     for spec, onnx_path in pairs:
         onnx_path = Path(onnx_path)
         old = previous.get(spec.name)
-        if old is not None and onnx_path.is_file() and _component_matches(old, onnx_path, spec, engine_dir):
+        identity = (onnx_sha256s or {}).get(spec.name)
+        if old is not None and onnx_path.is_file() and _component_matches(old, onnx_path, spec, engine_dir, identity):
             log(f"{spec.name}: engine is up to date ({engine_dir / old['engine']})")
             built[spec.name] = dict(old)
             continue
@@ -450,6 +466,7 @@ def write_engine_dir(
             log=log,
             compute_capabilities=compute_capabilities,
             verbose=verbose,
+            onnx_sha256=identity,
         )
         built[spec.name] = m
 

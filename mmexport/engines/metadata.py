@@ -125,6 +125,91 @@ def file_sha256(path: "str | os.PathLike[str]", chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+ONNX_IDENTITY_TAG = "mmexport-onnx-identity/1"
+
+
+def combine_onnx_identity(onnx_sha256: str, data_sha256: Mapping[str, str]) -> str:
+    """The identity of an ONNX model from the sha256 of its .onnx file and of its external data files.
+
+    `data_sha256`: {location relative to the .onnx file's folder (as the ONNX `location` field writes it):
+    sha256}. A model without external data is identified by the .onnx file's own sha256, so plain models
+    and older metadata keep their identity; with external data the identity is the sha256 of a small text
+    naming every file and its sha256, so new weights in `model.onnx.data` under an unchanged graph count
+    as a different model.
+    """
+    if not data_sha256:
+        return str(onnx_sha256).lower()
+    lines = [ONNX_IDENTITY_TAG, f"{str(onnx_sha256).lower()}  (onnx)"]
+    lines += [f"{str(sha).lower()}  {Path(loc).as_posix()}" for loc, sha in sorted(data_sha256.items())]
+    return hashlib.sha256(("\n".join(lines) + "\n").encode()).hexdigest()
+
+
+def external_data_files(onnx_path: "str | os.PathLike[str]") -> list[str]:
+    """Locations (relative to the .onnx file's folder) of the external data files the model references.
+
+    Reads the graph with `onnx` when it is installed (tensors are not loaded); without `onnx`, or for a
+    file `onnx` cannot read, falls back to the `<name>.onnx.data` file beside it when there is one.
+    """
+    onnx_path = Path(onnx_path)
+    try:
+        import onnx  # noqa: PLC0415 (optional; only the export side has it)
+    except ImportError:
+        onnx = None  # type: ignore[assignment]
+    if onnx is not None:
+        try:
+            model = onnx.load(str(onnx_path), load_external_data=False)
+        except Exception:
+            model = None
+        if model is not None:
+            locations: set[str] = set()
+
+            def tensor(t: Any) -> None:
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    for kv in t.external_data:
+                        if kv.key == "location":
+                            locations.add(kv.value)
+
+            def nodes(ns: Iterable[Any]) -> None:
+                for n in ns:
+                    for a in n.attribute:
+                        if a.HasField("t"):
+                            tensor(a.t)
+                        for t in a.tensors:
+                            tensor(t)
+                        if a.HasField("g"):
+                            graph(a.g)
+                        for g in a.graphs:
+                            graph(g)
+
+            def graph(g: Any) -> None:
+                for t in g.initializer:
+                    tensor(t)
+                nodes(g.node)
+
+            graph(model.graph)
+            for f in model.functions:
+                nodes(f.node)
+            return sorted(locations)
+    sibling = onnx_path.with_name(onnx_path.name + ".data")
+    return [sibling.name] if sibling.is_file() else []
+
+
+def onnx_identity_sha256(
+    onnx_path: "str | os.PathLike[str]", data_files: "Iterable[str] | None" = None
+) -> str:
+    """sha256 identity of an ONNX model covering the .onnx file and its external data (see
+    `combine_onnx_identity`). `data_files`: locations relative to the .onnx file's folder; None finds them
+    with `external_data_files`. A listed file that does not exist is left out (the parser reports it)."""
+    onnx_path = Path(onnx_path)
+    locations = external_data_files(onnx_path) if data_files is None else list(data_files)
+    data = {}
+    for loc in locations:
+        p = onnx_path.parent / loc
+        if p.is_file():
+            data[Path(loc).as_posix()] = file_sha256(p)
+    return combine_onnx_identity(file_sha256(onnx_path), data)
+
+
 def write_bytes_atomic(path: Path, data: Any) -> None:
     """Write `data` (bytes or any buffer, e.g. TensorRT's IHostMemory) to `path` via a temporary file."""
     path = Path(path)

@@ -314,7 +314,7 @@ class Qwen2VLAdapter(FamilyAdapter):
                 outputs=(TensorSpec("logits", f, ("batch", 1, s["vocab"]), "last position only"), *present_out),
                 dims={"batch": batch, "seq_len": seq, "past_len": past, "total_len": total},
                 profiles={
-                    "prefill": {"seq_len": Dim("seq_len", 1, min(256, ctx), ctx), "past_len": Dim("past_len", 0, 0, ctx - 1)},
+                    "prefill": {"seq_len": Dim("seq_len", 1, min(256, ctx), ctx), "past_len": Dim("past_len", 0, 0, 0)},
                     "decode": {"seq_len": Dim("seq_len", 1, 1, 1), "past_len": Dim("past_len", 1, min(256, ctx - 1), ctx - 1)},
                 },
                 doc="Qwen2 decoder with M-RoPE, KV cache in/out",

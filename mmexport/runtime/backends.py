@@ -83,6 +83,11 @@ class OrtRunner(Runner):
 
 BACKENDS: dict[str, Any] = {"ort": OrtRunner}
 
+# TensorRT engines (NVIDIA TensorRT or TensorRT-RTX); trt.py imports Runner from here, so register last.
+from .trt import TrtRunner  # noqa: E402
+
+BACKENDS["trt"] = TrtRunner
+
 
 def make_runner(backend: str, path: Path, spec: ComponentSpec, **kw) -> Runner:
     if backend not in BACKENDS:

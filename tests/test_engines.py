@@ -646,7 +646,10 @@ def test_select_profile_prefill_vs_decode(built_engines):
     assert select_profile(table, _decoder_shapes(7, 0)) == prefill  # a prompt
     assert select_profile(table, _decoder_shapes(1, 0)) == prefill  # a one-token prompt: decode needs past >= 1
     assert select_profile(table, _decoder_shapes(1, 10)) == decode  # fits both: the narrower profile wins
-    assert select_profile(table, _decoder_shapes(5, 7)) == prefill  # a follow-up chunk after a cache
+    # prefill is declared with past_len 0 (self-consistent maxima: seq_len + past_len <= context), so a
+    # multi-token chunk after a cache fits no profile and says so
+    with pytest.raises(UserError, match="no optimization profile"):
+        select_profile(table, _decoder_shapes(5, 7))
     with pytest.raises(UserError, match="no optimization profile"):
         select_profile(table, _decoder_shapes(600, 0))
     # One-profile components: the only profile (or none at all).

@@ -81,15 +81,17 @@ class OrtRunner(Runner):
         return dict(zip(self._outputs, outs))
 
 
-BACKENDS: dict[str, Any] = {"ort": OrtRunner}
-
-# TensorRT engines (NVIDIA TensorRT or TensorRT-RTX); trt.py imports Runner from here, so register last.
-from .trt import TrtRunner  # noqa: E402
-
-BACKENDS["trt"] = TrtRunner
+# name -> "module:class"; imported when asked for (trt.py imports Runner from this module)
+BACKENDS: dict[str, str] = {
+    "ort": "mmexport.runtime.backends:OrtRunner",
+    "trt": "mmexport.runtime.trt:TrtRunner",  # NVIDIA TensorRT or TensorRT-RTX engines
+}
 
 
 def make_runner(backend: str, path: Path, spec: ComponentSpec, **kw) -> Runner:
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; available: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[backend](path, spec, **kw)
+    import importlib
+
+    module, cls = BACKENDS[backend].split(":")
+    return getattr(importlib.import_module(module), cls)(path, spec, **kw)

@@ -42,3 +42,10 @@ def test_fp16_build_keeps_fp32_islands_and_verifies(cache_dir, tmp_path):
     assert tol["component_max_abs"] > 1e-4  # the recipe's fp16 bounds, not fp32's
     worst = max(c["max_abs"] for c in rep["comparisons"] if c["name"] in ("vision_encoder", "projector"))
     assert worst > 1e-5  # really computed in fp16 (fp32 graphs are ~1e-5 or better)
+    # the fp16 graphs (with their fp32 islands) are accepted by a strongly typed TensorRT build
+    try:
+        import tensorrt_rtx_bindings  # noqa: F401
+    except ImportError:
+        return
+    meta = json.loads(run_cli("engines", out, "--json").stdout)
+    assert set(meta["components"]) == set(m["components"]) and all(c["engine_bytes"] > 0 for c in meta["components"].values())

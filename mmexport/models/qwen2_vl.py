@@ -65,7 +65,9 @@ CHAT_TEMPLATE = (
 
 def _torch():
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # progress belongs to mmexport's own stage display
     return torch
 
 

@@ -173,9 +173,16 @@ class Pipeline:
         prep = self.prepare(prompt, images, raw_prompt=raw_prompt)
         t1 = time.perf_counter()
         timings["preprocess"] = (t1 - t0) * 1e3
-        image_embeds = [self.encode_image(im)[1] for im in prep.images]
+        image_embeds = []
+        t_proj = 0.0
+        for im in prep.images:
+            hidden = self.runners["vision_encoder"].infer(self.family.vision_feeds(im))["vision_hidden"]
+            tp = time.perf_counter()
+            image_embeds.append(self.runners["projector"].infer({"vision_hidden": hidden})["image_embeds"])
+            t_proj += time.perf_counter() - tp
         t2 = time.perf_counter()
-        timings["vision"] = (t2 - t1) * 1e3
+        timings["vision"] = (t2 - t1 - t_proj) * 1e3
+        timings["projector"] = t_proj * 1e3
 
         cache = KVCache(self.specs["decoder"])
         embeds = self.merge(prep.input_ids, self.embed(prep.input_ids), image_embeds)

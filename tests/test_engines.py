@@ -627,11 +627,12 @@ def test_trt_runtime_imports_without_tensorrt_or_cuda():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def _decoder_shapes(seq: int, past: int) -> dict[str, tuple[int, ...]]:
-    shapes = {"inputs_embeds": (1, seq, 96), "position_ids": (3, 1, seq), "attention_mask": (1, past + seq)}
+def _decoder_shapes(seq: int) -> dict[str, tuple[int, ...]]:
+    # the tiny decoder: static KV cache of the recipe's context (512), 2 layers, 2 KV heads, head_dim 24
+    shapes = {"inputs_embeds": (1, seq, 96), "position_ids": (3, 1, seq), "cache_mask": (1, 512)}
     for i in range(2):
         for kind in ("key", "value"):
-            shapes[f"past_{kind}_{i}"] = (1, 2, past, 24)
+            shapes[f"cache_{kind}_{i}"] = (1, 2, 512, 24)
     return shapes
 
 
@@ -643,15 +644,10 @@ def test_select_profile_prefill_vs_decode(built_engines):
     table = profile_table_from_metadata(comp)
     assert [list(p) for p in table][0][0] == "inputs_embeds" and len(table) == 2
     prefill, decode = comp["profile_names"].index("prefill"), comp["profile_names"].index("decode")
-    assert select_profile(table, _decoder_shapes(7, 0)) == prefill  # a prompt
-    assert select_profile(table, _decoder_shapes(1, 0)) == prefill  # a one-token prompt: decode needs past >= 1
-    assert select_profile(table, _decoder_shapes(1, 10)) == decode  # fits both: the narrower profile wins
-    # prefill is declared with past_len 0 (self-consistent maxima: seq_len + past_len <= context), so a
-    # multi-token chunk after a cache fits no profile and says so
+    assert select_profile(table, _decoder_shapes(7)) == prefill  # a prompt
+    assert select_profile(table, _decoder_shapes(1)) == decode  # one token: fits both, the narrower profile wins
     with pytest.raises(UserError, match="no optimization profile"):
-        select_profile(table, _decoder_shapes(5, 7))
-    with pytest.raises(UserError, match="no optimization profile"):
-        select_profile(table, _decoder_shapes(600, 0))
+        select_profile(table, _decoder_shapes(600))
     # One-profile components: the only profile (or none at all).
     proj = resolve_engine(art, "projector", "tensorrt-rtx", None).component_meta
     assert select_profile(profile_table_from_metadata(proj), {"vision_hidden": (64, 64)}) == 0

@@ -61,7 +61,7 @@ def export_component(comp: ExportComponent, out_dir: Path, opset: int, log=print
     params = list(inspect.signature(comp.module.forward).parameters.values())
     if params and params[-1].kind is inspect.Parameter.VAR_POSITIONAL:
         k = len(params) - 1
-        shapes = (*shapes[:k], tuple(shapes[k:]))
+        shapes = (*shapes[:k], tuple(r or {} for r in shapes[k:]))
     with torch.no_grad(), _quiet():
         program = torch.onnx.export(
             comp.module,

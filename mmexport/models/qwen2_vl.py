@@ -7,8 +7,8 @@ Components, each exported on its own:
                   across images. The runtime loops over images.
   projector       PatchMerger: LayerNorm, 2x2 spatial merge, MLP -> LLM width.
   embed_tokens    token ids -> embeddings.
-  decoder         inputs_embeds + M-RoPE position ids [3, B, S] + attention mask + past KV per layer
-                  -> last-position logits + present KV.
+  decoder         inputs_embeds + M-RoPE position ids [3, B, S] + a static KV cache (mask + keys/values
+                  per layer) -> last-position logits + this step's keys/values.
 
 The wrappers call the checkpoint's own modules (norms, projections, MLPs, HF's rotary helpers) and
 write out only the attention glue, so the traced graph has no Python control flow on data.
@@ -129,28 +129,33 @@ def _wrappers():
             return self.embed(input_ids)
 
     class Decoder(nn.Module):
-        """Qwen2 decoder with M-RoPE; KV cache in, KV cache out; logits of the last position only."""
+        """Qwen2 decoder with M-RoPE over a static, preallocated KV cache; last-position logits only.
+
+        The cache (`cache_key_i/cache_value_i [B, kv_heads, capacity, head_dim]`) is an input the runtime
+        owns and never copies: `cache_mask [B, capacity]` marks its filled slots. The graph returns only
+        the new tokens' keys/values (`key_i/value_i [B, kv_heads, seq_len, head_dim]`), which the runtime
+        writes into the cache in place. Attention runs over [cache | new] without concatenating the
+        cache: scores against both are joined (small), softmax in fp32, then split again.
+        """
 
         def __init__(self, lm, lm_head):
             super().__init__()
             self.lm = lm
             self.lm_head = lm_head
-            self.n_layers = len(lm.layers)
 
-        def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+        def forward(self, inputs_embeds, position_ids, cache_mask, *cache):
             h = inputs_embeds
             bsz, seq = h.shape[0], h.shape[1]
-            past_len = past[0].shape[2]
-            total = attention_mask.shape[1]
             cos, sin = self.lm.rotary_emb(h, position_ids)  # M-RoPE sections, [B, S, D]
-            # causal within the new tokens, everything in the past, and the caller's padding mask
-            q_pos = torch.arange(seq, device=h.device).view(seq, 1) + past_len
-            k_pos = torch.arange(total, device=h.device).view(1, total)
-            allowed = (k_pos <= q_pos).view(1, 1, seq, total) & attention_mask.bool().view(bsz, 1, 1, total)
             neg = torch.finfo(torch.float32).min
-            bias = torch.where(allowed, torch.zeros((), dtype=torch.float32), torch.full((), neg, dtype=torch.float32))
-            presents = []
-            for i, layer in enumerate(self.lm.layers):
+            zero = torch.zeros((), dtype=torch.float32)
+            # cached slots: those the caller marked filled; new tokens: causal among themselves
+            cache_bias = torch.where(cache_mask.bool().view(bsz, 1, 1, -1), zero, torch.full((), neg))
+            i = torch.arange(seq, device=h.device)
+            new_bias = torch.where((i.view(1, seq) <= i.view(seq, 1)).view(1, 1, seq, seq), zero, torch.full((), neg))
+            capacity = cache[0].shape[2]
+            new_kv = []
+            for n, layer in enumerate(self.lm.layers):
                 att = layer.self_attn
                 residual = h
                 x = layer.input_layernorm(h)
@@ -158,17 +163,19 @@ def _wrappers():
                 k = att.k_proj(x).view(bsz, seq, -1, att.head_dim).transpose(1, 2)
                 v = att.v_proj(x).view(bsz, seq, -1, att.head_dim).transpose(1, 2)
                 q, k = apply_rotary_pos_emb(q, k, cos, sin)
-                k = torch.cat([past[2 * i], k], dim=2)
-                v = torch.cat([past[2 * i + 1], v], dim=2)
-                presents += [k, v]
-                kr, vr = repeat_kv(k, att.num_key_value_groups), repeat_kv(v, att.num_key_value_groups)
-                w = torch.matmul(q, kr.transpose(2, 3)).float() * att.scaling + bias
-                w = torch.softmax(w, dim=-1).to(q.dtype)
-                o = torch.matmul(w, vr).transpose(1, 2).reshape(bsz, seq, -1)
+                new_kv += [k, v]
+                g = att.num_key_value_groups
+                ck, cv = repeat_kv(cache[2 * n], g), repeat_kv(cache[2 * n + 1], g)
+                kr, vr = repeat_kv(k, g), repeat_kv(v, g)
+                s_cache = torch.matmul(q, ck.transpose(2, 3)).float() * att.scaling + cache_bias
+                s_new = torch.matmul(q, kr.transpose(2, 3)).float() * att.scaling + new_bias
+                w = torch.softmax(torch.cat([s_cache, s_new], dim=-1), dim=-1).to(q.dtype)
+                o = torch.matmul(w[..., :capacity], cv) + torch.matmul(w[..., capacity:], vr)
+                o = o.transpose(1, 2).reshape(bsz, seq, -1)
                 h = residual + att.o_proj(o)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             h = self.lm.norm(h[:, -1:, :])
-            return (self.lm_head(h), *presents)
+            return (self.lm_head(h), *new_kv)
 
     return VisionEncoder, Projector, EmbedTokens, Decoder
 
@@ -271,15 +278,13 @@ class Qwen2VLAdapter(FamilyAdapter):
         patches = Dim("num_patches", min_patches, opt_patches, max_patches, multiple=m2)
         batch = Dim("batch", 1, 1, 1)
         seq = Dim("seq_len", 1, min(64, ctx), ctx)
-        past = Dim("past_len", 0, min(64, ctx - 1), ctx - 1)
-        total = Dim("total_len", 1, min(128, ctx), ctx, derived=("past_len", "seq_len"))
         f = "float32"
-        kv = (("batch", s["kv_heads"], "past_len", s["head_dim"]), ("batch", s["kv_heads"], "total_len", s["head_dim"]))
-        past_in, present_out = [], []
+        cache_shape = ("batch", s["kv_heads"], ctx, s["head_dim"])  # static: the recipe's context
+        cache_in, new_out = [], []
         for i in range(s["layers"]):
             for kind in ("key", "value"):
-                past_in.append(TensorSpec(f"past_{kind}_{i}", f, kv[0]))
-                present_out.append(TensorSpec(f"present_{kind}_{i}", f, kv[1]))
+                cache_in.append(TensorSpec(f"cache_{kind}_{i}", f, cache_shape, "preallocated, updated in place by the runtime"))
+                new_out.append(TensorSpec(f"{kind}_{i}", f, ("batch", s["kv_heads"], "seq_len", s["head_dim"]), "this step's keys/values"))
         return [
             ComponentSpec(
                 "vision_encoder",
@@ -310,16 +315,16 @@ class Qwen2VLAdapter(FamilyAdapter):
                 inputs=(
                     TensorSpec("inputs_embeds", f, ("batch", "seq_len", s["hidden"])),
                     TensorSpec("position_ids", "int64", (3, "batch", "seq_len"), "M-RoPE t/h/w positions"),
-                    TensorSpec("attention_mask", "int64", ("batch", "total_len"), "1 = attend, past + new"),
-                    *past_in,
+                    TensorSpec("cache_mask", "int64", ("batch", ctx), "1 = cache slot filled"),
+                    *cache_in,
                 ),
-                outputs=(TensorSpec("logits", f, ("batch", 1, s["vocab"]), "last position only"), *present_out),
-                dims={"batch": batch, "seq_len": seq, "past_len": past, "total_len": total},
+                outputs=(TensorSpec("logits", f, ("batch", 1, s["vocab"]), "last position only"), *new_out),
+                dims={"batch": batch, "seq_len": seq},
                 profiles={
-                    "prefill": {"seq_len": Dim("seq_len", 1, min(256, ctx), ctx), "past_len": Dim("past_len", 0, 0, 0)},
-                    "decode": {"seq_len": Dim("seq_len", 1, 1, 1), "past_len": Dim("past_len", 1, min(256, ctx - 1), ctx - 1)},
+                    "prefill": {"seq_len": Dim("seq_len", 1, min(256, ctx), ctx)},
+                    "decode": {"seq_len": Dim("seq_len", 1, 1, 1)},
                 },
-                doc="Qwen2 decoder with M-RoPE, KV cache in/out",
+                doc="Qwen2 decoder with M-RoPE over a static KV cache (capacity = context)",
             ),
         ]
 
@@ -334,16 +339,18 @@ class Qwen2VLAdapter(FamilyAdapter):
         gh, gw = 6, 10
         n = gh * gw
         cos, sin = vision_rotary(gh, gw, s["merge"], s["v_head_dim"], _vision_theta(vc))
-        seq, past = 7, 5
+        seq, past, ctx = 7, 5, recipe.limits.max_context
         pos = torch.arange(past, past + seq).view(1, 1, seq).expand(3, 1, seq).contiguous()
+        mask = torch.zeros(1, ctx, dtype=torch.int64)
+        mask[:, :past] = 1
         dec_example: dict[str, Any] = {
             "inputs_embeds": torch.randn(1, seq, s["hidden"], generator=g),
             "position_ids": pos,
-            "attention_mask": torch.ones(1, past + seq, dtype=torch.int64),
+            "cache_mask": mask,
         }
         for i in range(s["layers"]):
             for kind in ("key", "value"):
-                dec_example[f"past_{kind}_{i}"] = torch.randn(1, s["kv_heads"], past, s["head_dim"], generator=g)
+                dec_example[f"cache_{kind}_{i}"] = torch.randn(1, s["kv_heads"], ctx, s["head_dim"], generator=g)
         lm = model.model.language_model
         return [
             ExportComponent(

@@ -61,30 +61,40 @@ class GenerationResult:
 
 
 class KVCache:
-    """Past keys/values per layer, as the decoder's `past_*` inputs want them.
+    """A static KV cache, allocated once at the decoder's capacity and written in place (gpt-fast style).
 
-    The exported decoder returns the whole present cache (past + new); the cache keeps those arrays
-    and feeds them back on the next step.
+    Layout per layer: keys/values `[batch, kv_heads, capacity, head_dim]` plus one `cache_mask
+    [batch, capacity]`. The decoder reads the whole buffer (masked) and returns only the new tokens'
+    keys/values; `append` copies those S positions into the buffer. The past is never copied or
+    concatenated, and the buffers keep their addresses for the whole request.
     """
 
     def __init__(self, decoder_spec, batch: int = 1):
-        self.names = [t.name for t in decoder_spec.inputs if t.name.startswith("past_")]
+        self.names = [t.name for t in decoder_spec.inputs if t.name.startswith("cache_") and t.name != "cache_mask"]
         self.arrays: dict[str, np.ndarray] = {}
         for t in decoder_spec.inputs:
             if t.name in self.names:
-                shape = tuple(0 if d == "past_len" else (batch if d == "batch" else d) for d in t.shape)
+                shape = tuple(batch if d == "batch" else d for d in t.shape)
                 self.arrays[t.name] = np.zeros(shape, dtype=t.dtype)
-
-    @property
-    def length(self) -> int:
-        return int(next(iter(self.arrays.values())).shape[2]) if self.arrays else 0
+        mask = decoder_spec.input("cache_mask")
+        self.capacity = int(mask.shape[1])
+        self.mask = np.zeros((batch, self.capacity), dtype=mask.dtype)
+        self.length = 0
 
     def feeds(self) -> dict[str, np.ndarray]:
-        return dict(self.arrays)
+        return {"cache_mask": self.mask, **self.arrays}
 
-    def update(self, outputs: dict[str, np.ndarray]) -> None:
-        for name in self.names:
-            self.arrays[name] = outputs["present_" + name[len("past_") :]]
+    def append(self, outputs: dict[str, np.ndarray]) -> None:
+        """Write this step's keys/values (outputs `key_i`/`value_i`) after the filled slots."""
+        n = 0
+        for name, buf in self.arrays.items():
+            new = outputs[name[len("cache_") :]]
+            n = new.shape[2]
+            if self.length + n > self.capacity:
+                raise UserError(f"the KV cache holds {self.capacity} tokens; this request needs more")
+            buf[:, :, self.length : self.length + n] = new
+        self.mask[:, self.length : self.length + n] = 1
+        self.length += n
 
 
 class Pipeline:
@@ -146,15 +156,9 @@ class Pipeline:
 
     def decoder_step(self, embeds: np.ndarray, position_ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run the decoder on `embeds` [1, S, H] after the cached tokens; returns last-position logits [V]."""
-        total = cache.length + embeds.shape[1]
-        feed = {
-            "inputs_embeds": embeds,
-            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-            "attention_mask": np.ones((1, total), dtype=np.int64),
-            **cache.feeds(),
-        }
+        feed = {"inputs_embeds": embeds, "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64), **cache.feeds()}
         out = self.runners["decoder"].infer(feed)
-        cache.update(out)
+        cache.append(out)
         return out["logits"][0, -1]
 
     # -- the whole request ---------------------------------------------------------------------------
@@ -167,6 +171,7 @@ class Pipeline:
         stop: Sequence[str] = (),
         raw_prompt: bool = False,
         on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -198,7 +203,7 @@ class Pipeline:
         reason = "length"
         while len(generated) < budget:
             tok = sampler(logits)
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not ignore_eos:
                 reason = "eos"
                 break
             generated.append(tok)

@@ -70,6 +70,7 @@ def build_cmd(
     model: ModelOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: artifacts/RECIPE].")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or fp16 [default: the recipe's].")] = None,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4: weight-only MatMul quantization (ONNX Runtime only).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     engines: Annotated[bool, typer.Option("--engines", help="Also build TensorRT engines (as `mmexport engines`).")] = False,
     flavor: Annotated[str, typer.Option("--flavor", help="Engine flavour with --engines: auto, tensorrt, tensorrt-rtx.")] = "auto",
@@ -84,7 +85,9 @@ def build_cmd(
     from .export.build import build
 
     dest = out_dir or Path("artifacts") / r.name
-    res = build(r, dest, model=model, precision=precision, force=force, log=_log, stage=_stage)
+    if engines and quantize:
+        raise UserError("--engines with --quantize: TensorRT does not take ONNX Runtime's MatMulNBits graphs; build engines from an unquantized build")
+    res = build(r, dest, model=model, precision=precision, quantize=quantize, force=force, log=_log, stage=_stage)
     engine_info = None
     if engines:
         from .engines.commands import build_engines
@@ -277,7 +280,10 @@ def main() -> None:
     try:
         app()
     except (UserError, VerificationFailed) as e:
-        err.print(f"[red]error:[/red] {e}" if isinstance(e, UserError) else f"[red]{e}[/red]", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        msg = escape(str(e))  # messages quote paths and TOML tables like [tolerances.int4]
+        err.print(f"[red]error:[/red] {msg}" if isinstance(e, UserError) else f"[red]{msg}[/red]", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -143,7 +143,16 @@ def verify(
     pipe = Pipeline(artifacts, backend=backend)
     m = pipe.manifest
     recipe = parse_recipe(m.data["recipe"], m.data["recipe"].get("name", "recipe"))
-    tol = recipe.tolerance(m.data["precision"])
+    quant = m.data.get("quantization")
+    scheme = quant["scheme"] if quant else m.data["precision"]
+    tol = recipe.tolerance(scheme)  # end to end, and for quantized components
+    base_tol = recipe.tolerance(m.data["precision"])
+    quantized = set(quant["components"]) if quant else set()
+
+    def ctol(component: str):
+        t = tol if component in quantized else base_tol
+        return t.component_max_abs, t.component_min_cosine
+
     n_tokens = tokens or tol.greedy_tokens
     adapter = get_adapter(m.family)
 
@@ -154,7 +163,7 @@ def verify(
     log(f"reference: transformers on {model_dir}")
     torch_model = adapter.load(model_dir)
 
-    report = VerifyReport(str(artifacts), m.data["precision"], backend, asdict(tol))
+    report = VerifyReport(str(artifacts), m.data["precision"] + (f"+{scheme}" if quant else ""), backend, asdict(tol))
     from .export.build import _weights_digest
 
     digest = _weights_digest(model_dir)
@@ -184,13 +193,14 @@ def verify(
             tag = f"{case}[{i}]"
             report.comparisons.append(compare(tag, "preprocess", img.pixel_values, ref["pixel_values"][i], 1e-5, 0.999999))
             hidden = pipe.runners["vision_encoder"].infer(pipe.family.vision_feeds(img))["vision_hidden"]
-            report.comparisons.append(compare(tag, "vision_encoder", hidden, ref["vision_encoder"][i], tol.component_max_abs, tol.component_min_cosine))
+            report.comparisons.append(compare(tag, "vision_encoder", hidden, ref["vision_encoder"][i], *ctol("vision_encoder")))
             proj = pipe.runners["projector"].infer({"vision_hidden": ref["vision_encoder"][i].astype(np.float32)})["image_embeds"]
-            report.comparisons.append(compare(tag, "projector", proj, ref["projector"][i], tol.component_max_abs, tol.component_min_cosine))
+            report.comparisons.append(compare(tag, "projector", proj, ref["projector"][i], *ctol("projector")))
 
-        report.comparisons.append(compare(case, "embed_tokens", pipe.embed(prep.input_ids), ref["embed_tokens"], tol.component_max_abs, tol.component_min_cosine))
+        report.comparisons.append(compare(case, "embed_tokens", pipe.embed(prep.input_ids), ref["embed_tokens"], *ctol("embed_tokens")))
         logits = pipe.decoder_step(ref["decoder_inputs_embeds"].astype(np.float32), prep.position_ids, KVCache(pipe.specs["decoder"]))
-        report.comparisons.append(compare(case, "decoder", logits, ref["logits"], tol.logits_max_abs, tol.component_min_cosine))
+        dec_tol = tol if "decoder" in quantized else base_tol
+        report.comparisons.append(compare(case, "decoder", logits, ref["logits"], dec_tol.logits_max_abs, dec_tol.component_min_cosine))
 
         # end to end: the runtime's own chain
         image_embeds = [pipe.encode_image(im)[1] for im in prep.images]

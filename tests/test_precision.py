@@ -49,3 +49,27 @@ def test_fp16_build_keeps_fp32_islands_and_verifies(cache_dir, tmp_path):
         return
     meta = json.loads(run_cli("engines", out, "--json").stdout)
     assert set(meta["components"]) == set(m["components"]) and all(c["engine_bytes"] > 0 for c in meta["components"].values())
+
+
+def test_int8_build_verifies_against_its_gate_and_int4_needs_a_stated_gate(cache_dir, tmp_path):
+    out = tmp_path / "int8"
+    run_cli("build", "qwen2-vl-tiny", "--quantize", "int8", "--out", out)
+    m = json.loads((out / "manifest.json").read_text())
+    q = m["quantization"]
+    assert q["scheme"] == "int8" and q["bits"] == 8 and set(q["components"]) == {"decoder"}
+    assert q["components"]["decoder"]["quantized_matmuls"] > 0
+    ops = {n.op_type for n in onnx.load(str(out / "onnx" / "decoder.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+    rep = json.loads(run_cli("verify", out, "--json").stdout)
+    assert rep["passed"], rep["failures"]
+    assert rep["precision"] == "fp32+int8"
+    by = {(c["case"], c["name"]): c for c in rep["comparisons"]}
+    # the decoder is quantized (int8 bounds), the vision tower is not (fp32 bounds still apply)
+    assert by[("images", "decoder")]["tol_abs"] == 0.2 and by[("images", "decoder")]["max_abs"] > 1e-4
+    assert by[("images[0]", "vision_encoder")]["tol_abs"] == 1e-4
+    greedy = [c for c in rep["checks"] if c["name"].startswith("greedy")]
+    assert all(c["passed"] for c in greedy)
+    p = run_cli("engines", out, check=2)
+    assert "MatMulNBits" in p.stderr
+    p = run_cli("build", "qwen2-vl-tiny", "--quantize", "int4", "--out", tmp_path / "int4", check=2)
+    assert "[tolerances.int4]" in p.stderr and not (tmp_path / "int4").exists()

@@ -109,6 +109,9 @@ def build_engines(
     specs = manifest.components
     if not specs:
         raise UserError(f"{artifact_dir}: the manifest lists no components")
+    if manifest.data.get("quantization"):
+        raise UserError(f"{artifact_dir}: a {manifest.data['quantization']['scheme']} build uses ONNX Runtime's MatMulNBits, "
+                        "which TensorRT does not parse; build engines from an unquantized build")
     identities = manifest_onnx_identities(manifest)
     comps = [(spec, manifest.component_file(name)) for name, spec in specs.items()]
     return write_engine_dir(

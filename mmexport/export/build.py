@@ -38,6 +38,7 @@ def build(
     out_dir: Path,
     model: str | None = None,
     precision: str | None = None,
+    quantize: str | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
     stage: Callable[[str], Any] | None = None,
@@ -48,6 +49,7 @@ def build(
     precision = precision or recipe.precision
     if precision not in recipe.tolerances:
         raise UserError(f"recipe {recipe.name} has no tolerances for precision {precision!r}")
+    qcfg = _quant_config(recipe, quantize)
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
     adapter = get_adapter(recipe.family)
@@ -74,6 +76,14 @@ def build(
                     from .precision import convert_fp16
 
                     convert_fp16(path, comp.spec)
+                if qcfg and comp.spec.name in qcfg["components"]:
+                    from .quantize import quantize_component
+
+                    qcfg["report"][comp.spec.name] = quantize_component(
+                        path, qcfg["bits"], block_size=qcfg["block_size"], symmetric=qcfg["symmetric"],
+                        exclude_lm_head=not qcfg["lm_head"], quantize_embeddings=comp.spec.name == "embed_tokens",
+                        accuracy_level=qcfg["accuracy_level"],
+                    )
                 rel = [str(p.relative_to(tmp)) for p in sorted(path.parent.glob(path.name + "*"))]
                 files += rel
                 comps[comp.spec.name] = {
@@ -103,6 +113,7 @@ def build(
                 "family": recipe.family,
                 "source": source,
                 "precision": precision,
+                "quantization": ({k: v for k, v in qcfg.items() if k != "report"} | {"components": qcfg["report"]}) if qcfg else None,
                 "opset": recipe.opset,
                 "limits": {
                     "max_images": recipe.limits.max_images,
@@ -123,6 +134,36 @@ def build(
         shutil.rmtree(tmp, ignore_errors=True)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _quant_config(recipe: Recipe, quantize: str | None) -> dict[str, Any] | None:
+    """Weight-only quantization settings from the recipe's [export] table (None: not quantized)."""
+    if quantize is None:
+        return None
+    from .quantize import QUANT_NAMES
+
+    if quantize not in QUANT_NAMES:
+        raise UserError(f"--quantize must be one of {', '.join(QUANT_NAMES)}, got {quantize!r}")
+    if quantize not in recipe.tolerances:
+        raise UserError(f"recipe {recipe.name} has no [tolerances.{quantize}]: its accuracy gate is not stated, so it is not built")
+    exp = recipe.raw.get("export", {})
+    comps = ["decoder"]
+    if exp.get("quantize_vision", False):
+        comps += ["vision_encoder", "projector"]
+    if exp.get("quantize_embeddings", False):
+        comps.append("embed_tokens")
+    return {
+        "scheme": quantize,
+        "bits": QUANT_NAMES[quantize],
+        "method": "onnxruntime MatMulNBitsQuantizer (weight-only, block-wise RTN)",
+        "block_size": int(exp.get("quant_block_size", 32)),
+        "symmetric": bool(exp.get("quant_symmetric", True)),
+        "lm_head": bool(exp.get("quantize_lm_head", True)),
+        "embeddings": bool(exp.get("quantize_embeddings", False)),
+        "accuracy_level": exp.get("quant_accuracy_level"),
+        "components": comps,
+        "report": {},
+    }
 
 
 def _weights_digest(model_dir: Path) -> str:

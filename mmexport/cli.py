@@ -177,6 +177,34 @@ def verify_cmd(
         raise VerificationFailed(f"verification FAILED: {'; '.join(report.failures)}")
 
 
+@app.command("bench")
+def bench_cmd(
+    artifacts: ArtifactDir,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Image file [default: a generated 448x448 image].")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The request's text.")] = None,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens generated per run (EOS ignored).")] = 64,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs; medians are reported.")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 1,
+    backend: Annotated[str, typer.Option("--backend", help="ort or trt.")] = "ort",
+    vs_pytorch: Annotated[bool, typer.Option("--vs-pytorch", help="Also time transformers' eager model on the same request, in this process.")] = False,
+    model: ModelOpt = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the latency breakdown as a PNG.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time one request: TTFT split (preprocess / vision / projector / prefill), decode tok/s, peak memory."""
+    from .bench import DEFAULT_PROMPT, bench, plot_bench, render_bench
+
+    report = bench(artifacts, image=image, prompt=prompt or DEFAULT_PROMPT, new_tokens=new_tokens, repeat=repeat,
+                   warmup=warmup, backend=backend, vs_pytorch=vs_pytorch, model=model, log=_log)
+    if plot:
+        plot_bench(report, plot)
+        _log(f"wrote {plot}")
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render_bench(report, out)
+
+
 @app.command("engines")
 def engines_cmd(
     artifacts: ArtifactDir,

@@ -203,8 +203,10 @@ class Qwen2VLAdapter(FamilyAdapter):
         syn = recipe.synthetic or {}
         tok = train_bpe_tokenizer(SPECIAL_TOKENS, int(syn.get("tokenizer_vocab_size", 1024)))
         ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-        vocab = -(-tok.get_vocab_size() // 64) * 64  # pad the embedding like real checkpoints do
         text = dict(syn["text_config"])
+        # the embedding has at least the tokenizer's rows, padded like real checkpoints do, or the
+        # recipe's vocab_size (a benchmark recipe asks for a real model's 151,936 rows)
+        vocab = max(int(text.pop("vocab_size", 0)), -(-tok.get_vocab_size() // 64) * 64)
         tie = bool(text.pop("tie_word_embeddings", True))
         text.update(vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
         config = Qwen2VLConfig(

@@ -1,0 +1,718 @@
+"""`mmexport bench`: how fast is the exported model, and how does it compare with PyTorch eager?
+
+For the artifact directory (the torch-free runtime, `Pipeline.generate`):
+- time to first token, split into preprocess / vision / projector / prefill;
+- decode throughput over exactly `new_tokens` greedy tokens (EOS ignored, so every run does the same
+  work): tokens after the first, over the decode time, as `GenerationResult.tokens_per_s`;
+- resident memory: a background thread samples the RSS during the timed runs (plus the kernel's
+  high-water mark where Linux lets us reset it); the peak and its delta over the RSS before the model
+  was loaded.
+Warm-up runs are excluded; every figure is the median of `repeat` runs, with min and max kept.
+
+With `vs_pytorch`, the same image and prompt go through transformers' eager model (float32,
+attn_implementation="eager", the checkpoint the build was exported from, found as verify finds it) in
+the same process, after the exported model has been released:
+- preprocess: transformers' tokenizer + image processor (the adapter's `reference_inputs`; their
+  `from_pretrained` loading is done once, as the runtime loads its tokenizer once);
+- vision / projector: the vision tower (`get_image_features`); the merger is timed by hooks, the rest
+  is "vision";
+- prefill: the model's forward on the prompt with the image features, `use_cache=True`, last logits;
+- decode: a greedy loop of single-token forwards on the returned cache, `new_tokens` tokens, EOS
+  ignored, as `generate` decodes.
+Ratios are ours / eager for times, ours / eager for tokens per second (the decode speed-up).
+
+The exported side never imports torch; torch is imported only for `vs_pytorch`.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+
+STAGES = ("preprocess", "vision", "projector", "prefill", "ttft", "decode", "total")
+DEFAULT_PROMPT = "Describe the image."
+MB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Stats:
+    """One measured quantity over the timed runs."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.samples)) if self.samples else 0.0
+
+    @property
+    def min(self) -> float:
+        return float(min(self.samples)) if self.samples else 0.0
+
+    @property
+    def max(self) -> float:
+        return float(max(self.samples)) if self.samples else 0.0
+
+    def to_dict(self, nd: int = 3) -> dict[str, Any]:
+        return {"median": round(self.median, nd), "min": round(self.min, nd), "max": round(self.max, nd),
+                "samples": [round(s, nd) for s in self.samples]}
+
+
+@dataclass
+class Memory:
+    """Resident set size (MB): before the model was loaded (its framework already imported), after
+    loading, and the peak during the timed runs. Loading mmaps weights lazily in transformers, so
+    `loaded_mb` can be far below the weights' size there; the peak is the comparable figure."""
+
+    baseline_mb: float
+    loaded_mb: float
+    peak_mb: float
+    method: str
+
+    @property
+    def peak_delta_mb(self) -> float:
+        return self.peak_mb - self.baseline_mb
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline_mb": round(self.baseline_mb, 1), "loaded_mb": round(self.loaded_mb, 1),
+                "peak_mb": round(self.peak_mb, 1), "peak_delta_mb": round(self.peak_delta_mb, 1), "method": self.method}
+
+
+@dataclass
+class SideResult:
+    """The figures of one implementation (the exported model, or PyTorch eager)."""
+
+    name: str
+    timings_ms: dict[str, Stats]
+    tokens_per_s: Stats
+    tokens_generated: int
+    prompt_tokens: int
+    token_ids: list[int]
+    memory: Memory
+    load_s: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "timings_ms": {k: v.to_dict() for k, v in self.timings_ms.items()},
+            "decode_tokens_per_s": self.tokens_per_s.to_dict(),
+            "tokens_generated": self.tokens_generated,
+            "prompt_tokens": self.prompt_tokens,
+            "token_ids": self.token_ids,
+            "memory": self.memory.to_dict(),
+            "load_s": round(self.load_s, 3),
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class BenchReport:
+    artifacts: str
+    backend: str
+    precision: str
+    recipe: str
+    image: str
+    image_size: list[int] | None
+    prompt: str
+    new_tokens: int
+    repeat: int
+    warmup: int
+    machine: dict[str, Any]
+    ours: SideResult
+    eager: SideResult | None = None
+    reference: dict[str, Any] | None = None  # checkpoint of the eager side
+    seconds: float = 0.0
+
+    @property
+    def ratios(self) -> dict[str, float] | None:
+        """ours / eager per stage (below 1: ours is faster); decode_speedup = ours tok/s / eager tok/s."""
+        if self.eager is None:
+            return None
+        r: dict[str, float] = {}
+        for k in STAGES:
+            a, b = self.ours.timings_ms[k].median, self.eager.timings_ms[k].median
+            if b > 0:
+                r[f"{k}_ratio"] = a / b
+        e = self.eager.tokens_per_s.median
+        if e > 0:
+            r["decode_speedup"] = self.ours.tokens_per_s.median / e
+        if self.eager.memory.peak_delta_mb > 0:
+            r["peak_delta_ratio"] = self.ours.memory.peak_delta_mb / self.eager.memory.peak_delta_mb
+        return r
+
+    @property
+    def agreement(self) -> dict[str, Any] | None:
+        """Do the greedy tokens of both sides agree?"""
+        if self.eager is None:
+            return None
+        a, b = self.ours.token_ids, self.eager.token_ids
+        prefix = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            prefix += 1
+        n = max(len(a), len(b))
+        return {
+            "first_token": bool(a and b and a[0] == b[0]),
+            "common_prefix": prefix,
+            "fraction": (sum(1 for x, y in zip(a, b) if x == y) / n) if n else 1.0,
+            "identical": a == b,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        ratios = self.ratios
+        return {
+            "artifacts": self.artifacts,
+            "backend": self.backend,
+            "precision": self.precision,
+            "recipe": self.recipe,
+            "image": self.image,
+            "image_size": self.image_size,
+            "prompt": self.prompt,
+            "new_tokens": self.new_tokens,
+            "repeat": self.repeat,
+            "warmup": self.warmup,
+            "machine": self.machine,
+            "ours": self.ours.to_dict(),
+            "eager": self.eager.to_dict() if self.eager else None,
+            "ratios": {k: round(v, 4) for k, v in ratios.items()} if ratios is not None else None,
+            "agreement": self.agreement,
+            "reference": self.reference,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    """This process's resident set size (psutil, else /proc/self/statm; 0 where neither works)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _read_hwm() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class RssMonitor:
+    """Peak RSS over a block: a daemon thread samples every `interval` s; the kernel's high-water mark,
+    reset at the start, catches spikes between samples where the platform allows it."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hwm = False
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssMonitor":
+        self._hwm = _reset_hwm()
+        self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, name="mmexport-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        if self._hwm:
+            self.peak = max(self.peak, _read_hwm())
+
+    @property
+    def method(self) -> str:
+        return f"RSS sampled every {self.interval * 1e3:g} ms ({self.samples} samples)" + (" + VmHWM" if self._hwm else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and machine
+# ---------------------------------------------------------------------------------------------
+def default_image(size: int = 448):
+    """A deterministic size x size RGB picture: shapes on a gradient background."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    bg = np.stack([40 + xx * 150 // size, 90 + yy * 120 // size, 200 - (xx + yy) * 80 // (2 * size)], -1)
+    im = Image.fromarray(bg.astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(im)
+    s = size / 448
+    d.ellipse([60 * s, 60 * s, 200 * s, 200 * s], fill=(230, 60, 50), outline=(20, 20, 20), width=max(1, int(4 * s)))
+    d.rectangle([250 * s, 80 * s, 400 * s, 190 * s], fill=(250, 210, 40))
+    d.polygon([(120 * s, 400 * s), (220 * s, 240 * s), (320 * s, 400 * s)], fill=(40, 160, 80))
+    d.line([(20 * s, 430 * s), (430 * s, 230 * s)], fill=(255, 255, 255), width=max(1, int(6 * s)))
+    for i in range(6):
+        c = (330 * s + 18 * s * (i % 3), 260 * s + 18 * s * (i // 3))
+        d.ellipse([c[0] - 6 * s, c[1] - 6 * s, c[0] + 6 * s, c[1] + 6 * s], fill=(20, 20, 120))
+    return im
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(with_torch: bool = False) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    try:
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        import psutil
+
+        info["cpu_count_physical"] = psutil.cpu_count(logical=False)
+        info["memory_total_mb"] = round(psutil.virtual_memory().total / MB)
+    except ImportError:
+        pass
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        pass
+    info["mmexport_threads"] = os.environ.get("MMEXPORT_THREADS") or "default"
+    if with_torch:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        try:
+            import transformers
+
+            info["transformers"] = transformers.__version__
+        except ImportError:
+            pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# the bench
+# ---------------------------------------------------------------------------------------------
+def _collect(runs: list[dict[str, float]], keys) -> dict[str, Stats]:
+    return {k: Stats([r[k] for r in runs]) for k in keys}
+
+
+def bench(
+    artifact_dir: Path | str,
+    image: Path | str | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    new_tokens: int = 64,
+    repeat: int = 3,
+    warmup: int = 1,
+    backend: str = "ort",
+    vs_pytorch: bool = False,
+    model: str | None = None,
+    log: Callable[[str], None] = print,
+) -> BenchReport:
+    """Benchmark the build in `artifact_dir` (and, with `vs_pytorch`, transformers' eager model)."""
+    from .runtime.image import load_image
+    from .runtime.pipeline import Pipeline
+
+    if new_tokens < 1:
+        raise UserError(f"new_tokens must be at least 1, got {new_tokens}")
+    if repeat < 1:
+        raise UserError(f"repeat must be at least 1, got {repeat}")
+    if warmup < 0:
+        raise UserError(f"warmup must be 0 or more, got {warmup}")
+    if vs_pytorch:
+        require_torch()
+    t_start = time.perf_counter()
+    pil = load_image(image) if image is not None else default_image()
+    image_desc = str(image) if image is not None else f"generated {pil.width}x{pil.height}"
+    images = [pil]
+
+    # -- ours -----------------------------------------------------------------------------------
+    if backend == "ort":  # the baseline includes the framework's libraries, as torch's for the eager side
+        import onnxruntime  # noqa: F401
+    gc.collect()
+    base = rss_bytes()
+    t0 = time.perf_counter()
+    pipe = Pipeline(artifact_dir, backend=backend)
+    try:
+        load_s = time.perf_counter() - t0
+        loaded = rss_bytes()
+        m = pipe.manifest
+        prep = pipe.prepare(prompt, images)
+        if new_tokens > pipe.max_context - len(prep.input_ids):
+            raise UserError(f"{len(prep.input_ids)} prompt tokens + {new_tokens} new tokens exceed this build's context of {pipe.max_context}")
+        log(f"bench {artifact_dir} ({m.data.get('precision')}, {backend}): {len(prep.input_ids)} prompt tokens, "
+            f"{new_tokens} new tokens, {warmup} warm-up + {repeat} timed run(s)")
+
+        def run_ours():
+            return pipe.generate(prompt, images, max_new_tokens=new_tokens, ignore_eos=True)
+
+        for _ in range(warmup):
+            run_ours()
+        runs, res = [], None
+        with RssMonitor() as mon:
+            for i in range(repeat):
+                res = run_ours()
+                runs.append({**{k: float(res.timings_ms.get(k, 0.0)) for k in STAGES}, "tok_s": res.tokens_per_s})
+                log(f"  ours  run {i + 1}/{repeat}: ttft {res.timings_ms['ttft']:.0f} ms, decode {res.tokens_per_s:.1f} tok/s")
+        assert res is not None
+    finally:
+        pipe.close()
+    ours = SideResult(
+        name=f"exported ({backend})",
+        timings_ms=_collect(runs, STAGES),
+        tokens_per_s=Stats([r["tok_s"] for r in runs]),
+        tokens_generated=len(res.token_ids),
+        prompt_tokens=res.prompt_tokens,
+        token_ids=list(res.token_ids),
+        memory=Memory(base / MB, loaded / MB, mon.peak / MB, mon.method),
+        load_s=load_s,
+        notes=["load includes the sha256 check of every artifact file",
+               "decode includes sampling and incremental detokenization, as `mmexport run`"],
+    )
+    if len(res.token_ids) != new_tokens:
+        ours.notes.append(f"generated {len(res.token_ids)} tokens, not {new_tokens} (stop reason: {res.stop_reason})")
+    del pipe, res
+    gc.collect()
+
+    report = BenchReport(
+        artifacts=str(artifact_dir), backend=backend, precision=m.data.get("precision", ""),
+        recipe=m.data.get("recipe", {}).get("name", ""), image=image_desc,
+        image_size=[pil.width, pil.height], prompt=prompt, new_tokens=new_tokens, repeat=repeat, warmup=warmup,
+        machine=machine_info(with_torch=vs_pytorch), ours=ours,
+    )
+    if vs_pytorch:
+        report.eager, report.reference = _bench_eager(m, images, prompt, new_tokens, repeat, warmup, model, log)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch eager
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def _load_once():
+    """Memoize transformers' tokenizer / image-processor `from_pretrained` for the block, so the eager
+    side's preprocessing is timed without reading the files again (the runtime loads them once too)."""
+    patched = []
+    try:
+        import transformers
+        from transformers.image_processing_base import ImageProcessingMixin
+
+        targets = [(transformers.AutoTokenizer, "from_pretrained"), (ImageProcessingMixin, "from_pretrained")]
+    except ImportError:  # pragma: no cover - layout of another transformers version
+        targets = []
+    cache: dict[Any, Any] = {}
+
+    def memo(func):
+        def wrapper(cls, *a, **kw):
+            key = (cls, func, repr(a), repr(sorted(kw.items())))
+            if key not in cache:
+                cache[key] = func(cls, *a, **kw)
+            return cache[key]
+
+        return classmethod(wrapper)
+
+    for owner, name in targets:
+        orig = owner.__dict__.get(name)
+        if isinstance(orig, classmethod):
+            setattr(owner, name, memo(orig.__func__))
+            patched.append((owner, name, orig))
+    try:
+        yield bool(patched)
+    finally:
+        for owner, name, orig in patched:
+            setattr(owner, name, orig)
+
+
+def _bench_eager(m, images, prompt, new_tokens, repeat, warmup, model, log):
+    from .models import get_adapter
+    from .models.base import resolve_source
+    from .recipes import parse_recipe
+    from .runtime.prompt import user_message
+
+    runner = _EAGER.get(m.family)
+    if runner is None:
+        raise UserError(f"--vs-pytorch: no eager benchmark for family {m.family!r}")
+    recipe = parse_recipe(m.data["recipe"], m.data["recipe"].get("name", "recipe"))
+    adapter = get_adapter(m.family)
+    src = m.data["source"]
+    if model is None and src.get("kind") in ("local", "hub") and Path(src["path"]).is_dir():
+        model = src["path"]
+    model_dir, _ = resolve_source(recipe, model, adapter, log=log)
+    from .export.build import _weights_digest
+
+    same = _weights_digest(model_dir) == src.get("weights_sha256")
+    reference = {"checkpoint": str(model_dir), "same_as_build": same}
+    if not same:
+        log(f"warning: {model_dir} is not the checkpoint this build was exported from")
+
+    import torch
+
+    gc.collect()
+    base = rss_bytes()
+    t0 = time.perf_counter()
+    tm = adapter.load(model_dir)
+    load_s = time.perf_counter() - t0
+    loaded = rss_bytes()
+    log(f"pytorch eager: {model_dir} (float32, attn eager, {torch.get_num_threads()} threads)")
+    messages = user_message(prompt, len(images))
+    runs, out = [], None
+    with torch.no_grad(), _load_once() as memo:
+        adapter.reference_inputs(tm, model_dir, messages, images)  # loads the tokenizer / processor once
+        for i in range(warmup):
+            runner(tm, adapter, model_dir, messages, images, new_tokens)
+        with RssMonitor() as mon:
+            for i in range(repeat):
+                out = runner(tm, adapter, model_dir, messages, images, new_tokens)
+                runs.append(out)
+                log(f"  eager run {i + 1}/{repeat}: ttft {out['ttft']:.0f} ms, decode {out['tok_s']:.1f} tok/s")
+    assert out is not None
+    eager = SideResult(
+        name="pytorch eager (fp32)",
+        timings_ms=_collect(runs, STAGES),
+        tokens_per_s=Stats([r["tok_s"] for r in runs]),
+        tokens_generated=len(out["tokens"]),
+        prompt_tokens=out["prompt_tokens"],
+        token_ids=out["tokens"],
+        memory=Memory(base / MB, loaded / MB, mon.peak / MB, mon.method),
+        load_s=load_s,
+        notes=["preprocess: transformers tokenizer + image processor" + (" (loaded once, outside the timing)" if memo else " (including from_pretrained)"),
+               "vision excludes the merger, which is timed as projector (forward hooks)",
+               "memory baseline is taken after the exported model was released, in the same process"],
+    )
+    del tm
+    gc.collect()
+    return eager, reference
+
+
+def _eager_qwen2_vl(model, adapter, model_dir, messages, images, new_tokens) -> dict[str, Any]:
+    """One request through transformers' Qwen2-VL, stage by stage, greedy, EOS ignored."""
+    import torch
+
+    merger_s = [0.0, 0.0]  # [start, accumulated]
+
+    def pre(_mod, _inp):
+        merger_s[0] = time.perf_counter()
+
+    def post(_mod, _inp, _out):
+        merger_s[1] += time.perf_counter() - merger_s[0]
+
+    merger = model.model.visual.merger
+    hooks = [merger.register_forward_pre_hook(pre), merger.register_forward_hook(post)]
+    try:
+        t0 = time.perf_counter()
+        inputs = adapter.reference_inputs(model, model_dir, messages, images)
+        t1 = time.perf_counter()
+        mm = None
+        if "pixel_values" in inputs:
+            mm = {"image": model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)}
+        t2 = time.perf_counter()
+        model.model.rope_deltas = None  # a fresh request
+        kw = {k: inputs[k] for k in ("image_grid_thw", "mm_token_type_ids") if k in inputs}
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], mm_encoder_outputs=mm,
+                    use_cache=True, logits_to_keep=1, **kw)
+        logits = out.logits[0, -1]
+        t3 = time.perf_counter()
+        cache = out.past_key_values
+        tokens: list[int] = []
+        while True:
+            tok = int(torch.argmax(logits))
+            tokens.append(tok)
+            if len(tokens) == new_tokens:
+                break
+            out = model(input_ids=torch.tensor([[tok]], dtype=torch.long), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            logits = out.logits[0, -1]
+        t4 = time.perf_counter()
+    finally:
+        for h in hooks:
+            h.remove()
+    proj = merger_s[1]
+    decode = t4 - t3
+    return {
+        "preprocess": (t1 - t0) * 1e3,
+        "vision": (t2 - t1 - proj) * 1e3,
+        "projector": proj * 1e3,
+        "prefill": (t3 - t2) * 1e3,
+        "ttft": (t3 - t0) * 1e3,
+        "decode": decode * 1e3,
+        "total": (t4 - t0) * 1e3,
+        "tok_s": (len(tokens) - 1) / decode if len(tokens) > 1 and decode > 0 else 0.0,
+        "tokens": tokens,
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+    }
+
+
+_EAGER: dict[str, Callable[..., dict[str, Any]]] = {"qwen2_vl": _eager_qwen2_vl}
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+# ---------------------------------------------------------------------------------------------
+def _fmt_ms(s: Stats) -> str:
+    return f"{s.median:,.1f}" + (f" [dim]({s.min:,.1f}-{s.max:,.1f})[/dim]" if len(s.samples) > 1 else "")
+
+
+def render_bench(report: BenchReport, console) -> None:
+    from rich.table import Table
+
+    o, e = report.ours, report.eager
+    r = report.ratios or {}
+    title = (f"bench {report.artifacts} ({report.precision}, {report.backend}): {report.image}, "
+             f"{o.prompt_tokens} prompt tokens, {report.new_tokens} new tokens, median of {report.repeat}")
+    cols = ["stage", f"{o.name} ms"] + ([f"{e.name} ms", "ours / eager"] if e else [])
+    t = Table(*cols, title=title)
+    for k in STAGES:
+        row = [k, _fmt_ms(o.timings_ms[k])]
+        if e:
+            row += [_fmt_ms(e.timings_ms[k]), f"{r[k + '_ratio']:.2f}x" if k + "_ratio" in r else "-"]
+        t.add_row(*row, style="bold" if k == "ttft" else None)
+    row = ["decode tok/s", _fmt_ms(o.tokens_per_s)]
+    if e:
+        row += [_fmt_ms(e.tokens_per_s), f"{r['decode_speedup']:.2f}x speed-up" if "decode_speedup" in r else "-"]
+    t.add_row(*row, style="bold")
+    row = ["tokens generated", str(o.tokens_generated)] + ([str(e.tokens_generated), ""] if e else [])
+    t.add_row(*row)
+    row = ["load s", f"{o.load_s:.2f}"] + ([f"{e.load_s:.2f}", ""] if e else [])
+    t.add_row(*row)
+    console.print(t)
+
+    mt = Table("memory (MB)", o.name, *([e.name] if e else []))
+    for label, f in (("before load", "baseline_mb"), ("after load", "loaded_mb"), ("peak (timed runs)", "peak_mb"), ("peak - before load", "peak_delta_mb")):
+        mt.add_row(label, f"{getattr(o.memory, f):,.0f}", *([f"{getattr(e.memory, f):,.0f}"] if e else []))
+    console.print(mt)
+    if e:
+        a = report.agreement or {}
+        console.print(f"greedy tokens: first token {'agrees' if a.get('first_token') else 'DIFFERS'}, "
+                      f"{a.get('common_prefix', 0)}/{report.new_tokens} identical prefix, {a.get('fraction', 0):.0%} agree", highlight=False)
+        if report.reference and not report.reference.get("same_as_build"):
+            console.print("[yellow]warning: the eager checkpoint is not the one this build was exported from[/yellow]")
+    mi = report.machine
+    console.print(f"[dim]{mi.get('cpu')} x{mi.get('cpu_count')}, {mi.get('platform')}, onnxruntime {mi.get('onnxruntime')}"
+                  + (f", torch {mi.get('torch')} ({mi.get('torch_threads')} threads)" if "torch" in mi else "")
+                  + f"; memory: {o.memory.method}[/dim]", highlight=False)
+
+
+def require_matplotlib() -> None:
+    """Raise UserError unless matplotlib can be imported (the CLI calls this before a long bench)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--plot needs matplotlib (pip install matplotlib)") from None
+
+
+def require_torch() -> None:
+    """Raise UserError unless torch and transformers are installed (without importing them)."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"--vs-pytorch needs {' and '.join(missing)} (pip install -e '.[export]')")
+
+
+def plot_bench(report: BenchReport, path: Path | str) -> Path:
+    """A PNG: TTFT split (stacked), decode tokens/s and peak memory, ours vs eager."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    sides = [report.ours] + ([report.eager] if report.eager else [])
+    names = [s.name for s in sides]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    ax = axes[0]
+    left = [0.0] * len(sides)
+    colors = {"preprocess": "#9e9e9e", "vision": "#1f77b4", "projector": "#17becf", "prefill": "#ff7f0e"}
+    for k, c in colors.items():
+        vals = [s.timings_ms[k].median for s in sides]
+        ax.barh(names, vals, left=left, color=c, label=k)
+        left = [a + b for a, b in zip(left, vals)]
+    for i, s in enumerate(sides):
+        ax.text(left[i], i, f" {s.timings_ms['ttft'].median:,.0f} ms", va="center")
+    ax.set_xlabel("time to first token (ms, median)")
+    ax.set_xlim(0, max(left) * 1.25 if max(left) > 0 else 1)
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+    ax = axes[1]
+    vals = [s.tokens_per_s.median for s in sides]
+    ax.bar(range(len(sides)), vals, color=["#2ca02c", "#d62728"][: len(sides)])
+    ax.set_xticks(range(len(sides)), [n.split(" (")[0] for n in names], fontsize=8)
+    ax.set_ylabel("decode tokens/s (median)")
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom")
+    ax.set_ylim(0, max(vals) * 1.15 if max(vals) > 0 else 1)
+    ax = axes[2]
+    vals = [s.memory.peak_delta_mb for s in sides]
+    ax.bar(range(len(sides)), vals, color=["#2ca02c", "#d62728"][: len(sides)])
+    ax.set_xticks(range(len(sides)), [n.split(" (")[0] for n in names], fontsize=8)
+    ax.set_ylabel("peak RSS over baseline (MB)")
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom")
+    ax.set_ylim(0, max(vals) * 1.15 if max(vals) > 0 else 1)
+    mi = report.machine
+    fig.suptitle(f"{report.recipe or report.artifacts} ({report.precision}, {report.backend}): {report.ours.prompt_tokens} prompt tokens, "
+                 f"{report.new_tokens} new tokens; {mi.get('cpu_count')} CPUs, onnxruntime {mi.get('onnxruntime')}"
+                 + (f", torch {mi['torch']}" if "torch" in mi else ""), fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+

@@ -1,0 +1,109 @@
+"""`mmexport.bench` on the tiny build: the exported model against transformers' eager model."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+import pytest
+
+from mmexport.bench import STAGES, BenchReport, bench, default_image, plot_bench, render_bench
+from mmexport.errors import UserError
+
+NEW, REPEAT = 8, 2
+
+
+@pytest.fixture(scope="module")
+def report(tiny_artifacts) -> BenchReport:
+    return bench(tiny_artifacts, prompt="What is in the picture?", new_tokens=NEW, repeat=REPEAT, warmup=1,
+                 vs_pytorch=True, log=lambda m: None)
+
+
+def test_structure_and_json(report):
+    d = json.loads(json.dumps(report.to_dict()))
+    for key in ("artifacts", "backend", "precision", "recipe", "image", "prompt", "new_tokens", "repeat", "warmup",
+                "machine", "ours", "eager", "ratios", "agreement", "reference"):
+        assert key in d, key
+    assert d["recipe"] == "qwen2-vl-tiny" and d["precision"] == "fp32" and d["backend"] == "ort"
+    assert d["image"] == "generated 448x448" and d["image_size"] == [448, 448]
+    for side in ("ours", "eager"):
+        s = d[side]
+        assert set(s["timings_ms"]) == set(STAGES)
+        assert set(s["memory"]) >= {"baseline_mb", "loaded_mb", "peak_mb", "peak_delta_mb"}
+        assert len(s["decode_tokens_per_s"]["samples"]) == REPEAT
+    m = d["machine"]
+    assert m["cpu_count"] >= 1 and m["onnxruntime"] and m["torch"] and m["platform"]
+    assert d["reference"]["same_as_build"] is True
+
+
+def test_timings_positive_and_medians(report):
+    for side in (report.ours, report.eager):
+        for name, st in [*side.timings_ms.items(), ("tok/s", side.tokens_per_s)]:
+            assert len(st.samples) == REPEAT, (side.name, name)
+            assert all(x > 0 for x in st.samples), (side.name, name, st.samples)
+            assert st.min <= st.median <= st.max
+            assert st.median == pytest.approx(statistics.median(st.samples))
+        for i in range(REPEAT):  # TTFT is exactly its four parts, run by run
+            parts = sum(side.timings_ms[k].samples[i] for k in ("preprocess", "vision", "projector", "prefill"))
+            assert parts == pytest.approx(side.timings_ms["ttft"].samples[i], rel=1e-6)
+            assert side.timings_ms["total"].samples[i] >= side.timings_ms["ttft"].samples[i]
+            # decode throughput: the tokens after the first over the decode time
+            assert side.tokens_per_s.samples[i] == pytest.approx((NEW - 1) / (side.timings_ms["decode"].samples[i] / 1e3), rel=1e-6)
+
+
+def test_tokens_memory_and_agreement(report):
+    for side in (report.ours, report.eager):
+        assert side.tokens_generated == NEW and len(side.token_ids) == NEW
+        assert side.memory.peak_mb > 0 and side.memory.baseline_mb > 0
+        assert side.memory.peak_delta_mb == pytest.approx(side.memory.peak_mb - side.memory.baseline_mb)
+    assert report.ours.prompt_tokens == report.eager.prompt_tokens
+    a = report.agreement
+    assert a["first_token"] is True and a["identical"] is True and a["common_prefix"] == NEW  # fp32 build: greedy parity
+
+
+def test_ratios_consistent(report):
+    r = report.ratios
+    o, e = report.ours, report.eager
+    assert r["decode_speedup"] == pytest.approx(o.tokens_per_s.median / e.tokens_per_s.median)
+    assert r["ttft_ratio"] == pytest.approx(o.timings_ms["ttft"].median / e.timings_ms["ttft"].median)
+    for k in STAGES:
+        assert r[f"{k}_ratio"] == pytest.approx(o.timings_ms[k].median / e.timings_ms[k].median)
+    d = report.to_dict()
+    assert d["ratios"]["decode_speedup"] == pytest.approx(d["ours"]["decode_tokens_per_s"]["median"] / d["eager"]["decode_tokens_per_s"]["median"], rel=1e-2)
+
+
+def test_render(report):
+    from rich.console import Console
+
+    c = Console(record=True, width=200)
+    render_bench(report, c)
+    text = c.export_text()
+    assert "decode tok/s" in text and "ttft" in text and "speed-up" in text and "peak" in text
+
+
+def test_plot(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    p = plot_bench(report, tmp_path / "bench.png")
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(report, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(UserError, match="pip install matplotlib"):
+        plot_bench(report, tmp_path / "bench.png")
+
+
+def test_ours_only_with_image_file(tiny_artifacts, tmp_path):
+    img = tmp_path / "pic.png"
+    default_image(200).save(img)
+    r = bench(tiny_artifacts, image=img, new_tokens=3, repeat=1, warmup=0, log=lambda m: None)
+    assert r.eager is None and r.ratios is None and r.agreement is None
+    assert r.ours.tokens_generated == 3 and r.image == str(img) and r.image_size == [200, 200]
+    assert json.loads(json.dumps(r.to_dict()))["eager"] is None
+
+
+def test_bad_arguments(tiny_artifacts):
+    with pytest.raises(UserError):
+        bench(tiny_artifacts, new_tokens=0, log=lambda m: None)
+    with pytest.raises(UserError, match="context"):
+        bench(tiny_artifacts, new_tokens=10_000, repeat=1, warmup=0, log=lambda m: None)

@@ -689,7 +689,7 @@ def plot_bench(report: BenchReport, path: Path | str) -> Path:
     ax.set_xlabel("time to first token (ms, median)")
     ax.set_xlim(0, max(left) * 1.25 if max(left) > 0 else 1)
     ax.invert_yaxis()
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, fontsize=8, frameon=False)
     ax = axes[1]
     vals = [s.tokens_per_s.median for s in sides]
     ax.bar(range(len(sides)), vals, color=["#2ca02c", "#d62728"][: len(sides)])

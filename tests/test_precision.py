@@ -36,6 +36,25 @@ def test_fp16_build_keeps_fp32_islands_and_verifies(cache_dir, tmp_path):
             assert types.get(n.input[0]) == TensorProto.FLOAT, f"{name}: {n.op_type} {n.name} not in fp32"
         if name in ("vision_encoder", "decoder"):
             assert any(n.op_type == "Softmax" for n in islands)
+        # whole chains, not single ops: x^2, its mean, + eps and the sqrt of an RMSNorm, and the rotary
+        # angles (cast of integer positions, times inverse frequencies) never pass through fp16
+        producer = {o: n for n in model.graph.node for o in n.output}
+        consumers = {}
+        for n in model.graph.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        for n in model.graph.node:
+            if n.op_type == "ReduceMean" and producer[n.input[0]].op_type == "Pow":
+                pw = producer[n.input[0]]
+                assert types[pw.input[0]] == TensorProto.FLOAT and types[pw.output[0]] == TensorProto.FLOAT, f"{name}: x^2 in fp16"
+                add = consumers[n.output[0]][0]
+                sqrt = consumers[add.output[0]][0]
+                assert (add.op_type, sqrt.op_type) == ("Add", "Sqrt")
+                for m_ in (n, add, sqrt):
+                    assert all(types.get(i) != TensorProto.FLOAT16 for i in [*m_.input, *m_.output] if i), f"{name}: {m_.name} in fp16"
+            if n.op_type in ("Cos", "Sin"):
+                angle = producer[n.input[0]]
+                assert all(types.get(i) != TensorProto.FLOAT16 for i in angle.input if i), f"{name}: rotary angles in fp16"
     rep = json.loads(run_cli("verify", out, "--json").stdout)
     assert rep["passed"], rep["failures"]
     tol = rep["tolerance"]

@@ -243,3 +243,13 @@ def test_engines_lint_doctor_commands(tiny_artifacts):
     # without a GPU (or cuda-python) the trt backend says why, in one line
     if not doc["capabilities"]["can_run_engines"]["ok"]:
         _one_line_error(run_cli("run", tiny_artifacts, "--backend", "trt", "--prompt", "hi", check=2), "trt backend")
+
+
+def test_raw_prompt_skips_the_chat_template(tiny_artifacts, images):
+    templated = json.loads(run_cli("run", tiny_artifacts, "--image", images[0], "--prompt", "Describe.", "--max-new-tokens", "2", "--json").stdout)
+    raw = "<|vision_start|><|image_pad|><|vision_end|>Describe."
+    r = json.loads(run_cli("run", tiny_artifacts, "--image", images[0], "--prompt", raw, "--raw-prompt", "--max-new-tokens", "2", "--json").stdout)
+    # same image tokens, but none of the template's system/user/assistant framing
+    assert 0 < r["prompt_tokens"] < templated["prompt_tokens"]
+    _one_line_error(run_cli("run", tiny_artifacts, "--image", images[0], "--prompt", "no placeholder", "--raw-prompt", check=2),
+                    "placeholders")

@@ -40,6 +40,12 @@ def test_build_writes_checked_graphs_and_manifest(tiny_artifacts):
     assert m["source"]["kind"] == "synthetic" and len(m["source"]["weights_sha256"]) == 64
     assert (tiny_artifacts / m["tokenizer"]["chat_template"]).is_file()
     assert not list(tiny_artifacts.parent.glob(".*building*"))  # the temporary build dir is gone
+    import os, stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(tiny_artifacts.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in tiny_artifacts.rglob("*") if p.is_file())
 
 
 def test_build_refuses_to_overwrite_without_force(tiny_artifacts):

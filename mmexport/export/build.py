@@ -127,6 +127,7 @@ def build(
                 "files": files,
             }
             write_manifest(tmp, manifest)
+        _normal_permissions(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -164,6 +165,17 @@ def _quant_config(recipe: Recipe, quantize: str | None) -> dict[str, Any] | None
         "components": comps,
         "report": {},
     }
+
+
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp makes a 0700 directory and some writers leave 0600 files; give the artifact the
+    permissions any other file the user creates gets (0777/0666 less the umask)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _weights_digest(model_dir: Path) -> str:

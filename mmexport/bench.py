@@ -481,23 +481,13 @@ def _load_once():
 
 
 def _bench_eager(m, images, prompt, new_tokens, repeat, warmup, model, log):
-    from .models import get_adapter
-    from .models.base import resolve_source
-    from .recipes import parse_recipe
+    from .models.base import reference_checkpoint
     from .runtime.prompt import user_message
 
     runner = _EAGER.get(m.family)
     if runner is None:
         raise UserError(f"--vs-pytorch: no eager benchmark for family {m.family!r}")
-    recipe = parse_recipe(m.data["recipe"], m.data["recipe"].get("name", "recipe"))
-    adapter = get_adapter(m.family)
-    src = m.data["source"]
-    if model is None and src.get("kind") in ("local", "hub") and Path(src["path"]).is_dir():
-        model = src["path"]
-    model_dir, _ = resolve_source(recipe, model, adapter, log=log)
-    from .export.build import _weights_digest
-
-    same = _weights_digest(model_dir) == src.get("weights_sha256")
+    recipe, adapter, model_dir, same = reference_checkpoint(m.data, model, log=log)
     reference = {"checkpoint": str(model_dir), "same_as_build": same}
     if not same:
         log(f"warning: {model_dir} is not the checkpoint this build was exported from")
@@ -690,22 +680,9 @@ def plot_bench(report: BenchReport, path: Path | str) -> Path:
     ax.set_xlim(0, max(left) * 1.25 if max(left) > 0 else 1)
     ax.invert_yaxis()
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, fontsize=8, frameon=False)
-    ax = axes[1]
-    vals = [s.tokens_per_s.median for s in sides]
-    ax.bar(range(len(sides)), vals, color=["#2ca02c", "#d62728"][: len(sides)])
-    ax.set_xticks(range(len(sides)), [n.split(" (")[0] for n in names], fontsize=8)
-    ax.set_ylabel("decode tokens/s (median)")
-    for i, v in enumerate(vals):
-        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom")
-    ax.set_ylim(0, max(vals) * 1.15 if max(vals) > 0 else 1)
-    ax = axes[2]
-    vals = [s.memory.peak_delta_mb for s in sides]
-    ax.bar(range(len(sides)), vals, color=["#2ca02c", "#d62728"][: len(sides)])
-    ax.set_xticks(range(len(sides)), [n.split(" (")[0] for n in names], fontsize=8)
-    ax.set_ylabel("peak RSS over baseline (MB)")
-    for i, v in enumerate(vals):
-        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom")
-    ax.set_ylim(0, max(vals) * 1.15 if max(vals) > 0 else 1)
+    labels = [n.split(" (")[0] for n in names]
+    _bar_panel(axes[1], labels, [s.tokens_per_s.median for s in sides], "decode tokens/s (median)", "{:.1f}")
+    _bar_panel(axes[2], labels, [s.memory.peak_delta_mb for s in sides], "peak RSS over baseline (MB)", "{:,.0f}")
     mi = report.machine
     fig.suptitle(f"{report.recipe or report.artifacts} ({report.precision}, {report.backend}): {report.ours.prompt_tokens} prompt tokens, "
                  f"{report.new_tokens} new tokens; {mi.get('cpu_count')} CPUs, onnxruntime {mi.get('onnxruntime')}"
@@ -716,3 +693,13 @@ def plot_bench(report: BenchReport, path: Path | str) -> Path:
     plt.close(fig)
     return path
 
+
+
+def _bar_panel(ax, labels: list[str], vals: list[float], ylabel: str, fmt: str) -> None:
+    """One bar per side (ours green, eager red), each labelled with its value."""
+    ax.bar(range(len(vals)), vals, color=["#2ca02c", "#d62728"][: len(vals)])
+    ax.set_xticks(range(len(vals)), labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    for i, v in enumerate(vals):
+        ax.text(i, v, fmt.format(v), ha="center", va="bottom")
+    ax.set_ylim(0, max(vals) * 1.15 if max(vals) > 0 else 1)

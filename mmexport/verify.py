@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import UserError
 
 
 @dataclass
@@ -131,9 +130,7 @@ def verify(
     backend: str = "ort",
     log: Callable[[str], None] = print,
 ) -> VerifyReport:
-    from .models import get_adapter
-    from .models.base import resolve_source
-    from .recipes import parse_recipe
+    from .models.base import reference_checkpoint
     from .runtime.image import load_image
     from .runtime.pipeline import KVCache, Pipeline
     from .runtime.prompt import user_message
@@ -142,7 +139,7 @@ def verify(
     t0 = time.perf_counter()
     pipe = Pipeline(artifacts, backend=backend)
     m = pipe.manifest
-    recipe = parse_recipe(m.data["recipe"], m.data["recipe"].get("name", "recipe"))
+    recipe, adapter, model_dir, same_weights = reference_checkpoint(m.data, model, log=log)
     quant = m.data.get("quantization")
     scheme = quant["scheme"] if quant else m.data["precision"]
     tol = recipe.tolerance(scheme)  # end to end, and for quantized components
@@ -154,21 +151,12 @@ def verify(
         return t.component_max_abs, t.component_min_cosine
 
     n_tokens = tokens or tol.greedy_tokens
-    adapter = get_adapter(m.family)
-
-    src = m.data["source"]
-    if model is None and src.get("kind") in ("local", "hub") and Path(src["path"]).is_dir():
-        model = src["path"]
-    model_dir, _ = resolve_source(recipe, model, adapter, log=log)
     log(f"reference: transformers on {model_dir}")
     torch_model = adapter.load(model_dir)
 
     report = VerifyReport(str(artifacts), m.data["precision"] + (f"+{scheme}" if quant else ""), backend, asdict(tol))
-    from .export.build import _weights_digest
-
-    digest = _weights_digest(model_dir)
-    report.checks.append(Check("build", "source weights", digest == src.get("weights_sha256"),
-                               "same checkpoint as the build" if digest == src.get("weights_sha256")
+    report.checks.append(Check("build", "source weights", same_weights,
+                               "same checkpoint as the build" if same_weights
                                else "the reference checkpoint is not the one this build was exported from"))
 
     pil_images = [load_image(p) for p in images] if images else default_images()

@@ -461,24 +461,10 @@ REPO = Path(__file__).resolve().parent.parent
 COMPONENTS = {"vision_encoder", "projector", "embed_tokens", "decoder"}
 
 
-def build_tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`mmexport build qwen2-vl-tiny` once per pytest session (shared by test_engines and test_lint_doctor
-    through the session's base temp dir), with its own synthetic-checkpoint cache."""
-    root = tmp_path_factory.getbasetemp() / "engines-tiny-artifact"
-    art = root / "qwen2-vl-tiny"
-    if not (art / "manifest.json").is_file():
-        env = {**os.environ, "MMEXPORT_CACHE": str(root / "cache"), "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-        p = subprocess.run(
-            [sys.executable, "-m", "mmexport", "build", "qwen2-vl-tiny", "--out", str(art), "--force"],
-            capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
-        )
-        assert p.returncode == 0, f"build failed:\n{p.stdout}\n{p.stderr}"
-    return art
-
-
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_artifact(tmp_path_factory)
+def tiny_artifact(tiny_artifacts: Path) -> Path:
+    """The session's tiny build (tests/conftest.py); tests here only read it or copy it."""
+    return tiny_artifacts
 
 
 @pytest.fixture
@@ -494,7 +480,7 @@ def built_engines(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory)
     from mmexport.engines.commands import build_engines
 
     art = tmp_path_factory.mktemp("with-engines") / "art"
-    shutil.copytree(tiny_artifact, art)
+    shutil.copytree(tiny_artifact, art, ignore=shutil.ignore_patterns("engines"))  # built here, not reused
     lines: list[str] = []
     engine_dir, meta = build_engines(art, "tensorrt-rtx", workspace_mb=256, log=lines.append)
     return art, engine_dir, meta, lines

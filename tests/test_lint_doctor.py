@@ -16,25 +16,10 @@ REPO = Path(__file__).resolve().parent.parent
 COMPONENTS = ("vision_encoder", "projector", "embed_tokens", "decoder")
 
 
-def build_tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`mmexport build qwen2-vl-tiny` once per pytest session (the same folder test_engines uses, so the two
-    files share one build), with its own synthetic-checkpoint cache."""
-    root = tmp_path_factory.getbasetemp() / "engines-tiny-artifact"
-    art = root / "qwen2-vl-tiny"
-    if not (art / "manifest.json").is_file():
-        env = {**os.environ, "MMEXPORT_CACHE": str(root / "cache"), "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-        p = subprocess.run(
-            [sys.executable, "-m", "mmexport", "build", "qwen2-vl-tiny", "--out", str(art), "--force"],
-            capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
-        )
-        assert p.returncode == 0, f"build failed:\n{p.stdout}\n{p.stderr}"
-    return art
-
-
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("onnx")
-    return build_tiny_artifact(tmp_path_factory)
+def tiny_artifact(tiny_artifacts: Path) -> Path:
+    """The session's tiny build (tests/conftest.py); lint only reads it."""
+    return tiny_artifacts
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from .. import __version__
 from ..errors import UserError
 from ..models import get_adapter
-from ..models.base import resolve_source
+from ..models.base import resolve_source, weights_digest
 from ..recipes import Recipe
 from ..runtime.manifest import sha256_file, write_manifest
 from .onnx_export import export_component
@@ -57,7 +57,7 @@ def build(
     with stage("checkpoint"):
         model_dir, source = resolve_source(recipe, model, adapter, log=log)
         adapter.check_checkpoint(model_dir)
-        source["weights_sha256"] = _weights_digest(model_dir)
+        source["weights_sha256"] = weights_digest(model_dir)
     with stage("load"):
         torch_model = adapter.load(model_dir)
 
@@ -176,17 +176,6 @@ def _normal_permissions(root: Path) -> None:
     os.umask(mask)
     for p in [root, *root.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-def _weights_digest(model_dir: Path) -> str:
-    """sha256 over the checkpoint's weight files (name + content), the identity of what was exported."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in sorted(model_dir.glob("*.safetensors")):
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
 
 
 def _special_tokens(cfg: dict[str, Any]) -> dict[str, str]:

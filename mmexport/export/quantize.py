@@ -185,7 +185,6 @@ def _gemm_to_matmul(graph) -> tuple[int, dict[str, tuple[str, str]]]:
     from onnx import numpy_helper
 
     inits = {t.name: t for t in graph.initializer}
-    consumers = _consumers(graph)
     floats = _float_types()
     with_bias: dict[str, tuple[str, str]] = {}
     rewritten = 0

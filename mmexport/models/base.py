@@ -4,6 +4,7 @@ Export side only: this module may import torch (lazily, through the adapters).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..runtime.manifest import sha256_file
 from ..recipes import Recipe
 from ..spec import ComponentSpec
 from .synthetic import synthetic_dir
@@ -117,3 +119,28 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, dict]:
         raise UserError(f"could not fetch {repo_id} from the Hugging Face Hub: {type(e).__name__}: {e}".splitlines()[0]) from None
     p = Path(path)
     return p, {"kind": "hub", "repo_id": repo_id, "revision": p.name, "path": str(p)}
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 over the checkpoint's weight files (name + content), the identity of what was exported."""
+    h = hashlib.sha256()
+    for p in sorted(model_dir.glob("*.safetensors")):
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def reference_checkpoint(manifest_data: dict[str, Any], model: str | None, log=print) -> tuple[Recipe, "FamilyAdapter", Path, bool]:
+    """What a build is compared against (verify, bench --vs-pytorch): `--model`, else the local or Hub
+    directory the build was exported from, else the recipe's own source. Returns the build's recipe,
+    its family adapter, the checkpoint directory and whether its weights are the ones exported."""
+    from ..recipes import parse_recipe
+    from . import get_adapter
+
+    recipe = parse_recipe(manifest_data["recipe"], manifest_data["recipe"].get("name", "recipe"))
+    adapter = get_adapter(manifest_data["family"])
+    src = manifest_data["source"]
+    if model is None and src.get("kind") in ("local", "hub") and Path(src["path"]).is_dir():
+        model = src["path"]
+    model_dir, _ = resolve_source(recipe, model, adapter, log=log)
+    return recipe, adapter, model_dir, weights_digest(model_dir) == src.get("weights_sha256")

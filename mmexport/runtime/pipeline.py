@@ -134,10 +134,15 @@ class Pipeline:
         pos, delta = self.family.prompt_positions(ids, encoded)
         return Prepared(ids, encoded, pos, delta, text)
 
-    def encode_image(self, img) -> tuple[np.ndarray, np.ndarray]:
-        """(vision hidden states, image embeddings) for one preprocessed image."""
+    def encode_image(self, img, timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(vision hidden states, image embeddings) for one preprocessed image; adds ms to `timings`."""
+        t0 = time.perf_counter()
         hidden = self.runners["vision_encoder"].infer(self.family.vision_feeds(img))["vision_hidden"]
+        t1 = time.perf_counter()
         embeds = self.runners["projector"].infer({"vision_hidden": hidden})["image_embeds"]
+        if timings is not None:
+            timings["vision"] = timings.get("vision", 0.0) + (t1 - t0) * 1e3
+            timings["projector"] = timings.get("projector", 0.0) + (time.perf_counter() - t1) * 1e3
         return hidden, embeds
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -178,16 +183,10 @@ class Pipeline:
         prep = self.prepare(prompt, images, raw_prompt=raw_prompt)
         t1 = time.perf_counter()
         timings["preprocess"] = (t1 - t0) * 1e3
-        image_embeds = []
-        t_proj = 0.0
-        for im in prep.images:
-            hidden = self.runners["vision_encoder"].infer(self.family.vision_feeds(im))["vision_hidden"]
-            tp = time.perf_counter()
-            image_embeds.append(self.runners["projector"].infer({"vision_hidden": hidden})["image_embeds"])
-            t_proj += time.perf_counter() - tp
+        timings["vision"] = timings["projector"] = 0.0
+        image_embeds = [self.encode_image(im, timings)[1] for im in prep.images]
         t2 = time.perf_counter()
-        timings["vision"] = (t2 - t1 - t_proj) * 1e3
-        timings["projector"] = t_proj * 1e3
+        timings["vision"] = (t2 - t1) * 1e3 - timings["projector"]  # the stages add up to ttft exactly
 
         cache = KVCache(self.specs["decoder"])
         embeds = self.merge(prep.input_ids, self.embed(prep.input_ids), image_embeds)

@@ -6,7 +6,7 @@ text-only prompt) go through transformers and through the exported graphs:
 - inputs: prompt token ids, preprocessed pixels and M-RoPE positions from the torch-free runtime
   against transformers' tokenizer, image processor and get_rope_index;
 - per component, each fed the reference's own input (so errors do not compound): max abs error,
-  max rel error, cosine similarity, NaN/Inf;
+  max rel error, cosine similarity, NaN/Inf (the family adapter's `verify_components` knows which);
 - end to end through the runtime pipeline: first-token logits error, and N greedy tokens against
   transformers' `generate`.
 
@@ -93,6 +93,11 @@ class VerifyReport:
         }
 
 
+def component_tol(t) -> tuple[float, float]:
+    """(max abs, min cosine) a component's output must meet under tolerance `t`."""
+    return t.component_max_abs, t.component_min_cosine
+
+
 def compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, tol_abs: float, tol_cos: float) -> Comparison:
     got = np.asarray(got, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
@@ -146,9 +151,8 @@ def verify(
     base_tol = recipe.tolerance(m.data["precision"])
     quantized = set(quant["components"]) if quant else set()
 
-    def ctol(component: str):
-        t = tol if component in quantized else base_tol
-        return t.component_max_abs, t.component_min_cosine
+    def tol_for(component: str):
+        return tol if component in quantized else base_tol
 
     n_tokens = tokens or tol.greedy_tokens
     log(f"reference: transformers on {model_dir}")
@@ -177,22 +181,11 @@ def verify(
             same_pos = np.array_equal(prep.position_ids, ref["position_ids"])
             report.checks.append(Check(case, "position ids", same_pos, "identical to transformers" if same_pos else "differ from transformers"))
 
-        for i, img in enumerate(prep.images):
-            tag = f"{case}[{i}]"
-            report.comparisons.append(compare(tag, "preprocess", img.pixel_values, ref["pixel_values"][i], 1e-5, 0.999999))
-            hidden = pipe.runners["vision_encoder"].infer(pipe.family.vision_feeds(img))["vision_hidden"]
-            report.comparisons.append(compare(tag, "vision_encoder", hidden, ref["vision_encoder"][i], *ctol("vision_encoder")))
-            proj = pipe.runners["projector"].infer({"vision_hidden": ref["vision_encoder"][i].astype(np.float32)})["image_embeds"]
-            report.comparisons.append(compare(tag, "projector", proj, ref["projector"][i], *ctol("projector")))
-
-        report.comparisons.append(compare(case, "embed_tokens", pipe.embed(prep.input_ids), ref["embed_tokens"], *ctol("embed_tokens")))
-        logits = pipe.decoder_step(ref["decoder_inputs_embeds"].astype(np.float32), prep.position_ids, KVCache(pipe.specs["decoder"]))
-        dec_tol = tol if "decoder" in quantized else base_tol
-        report.comparisons.append(compare(case, "decoder", logits, ref["logits"], dec_tol.logits_max_abs, dec_tol.component_min_cosine))
+        # each component on the reference's own inputs (the family knows its components)
+        report.comparisons += adapter.verify_components(pipe, prep, ref, case, tol_for)
 
         # end to end: the runtime's own chain
-        image_embeds = [pipe.encode_image(im)[1] for im in prep.images]
-        e2e = pipe.decoder_step(pipe.merge(prep.input_ids, pipe.embed(prep.input_ids), image_embeds), prep.position_ids, KVCache(pipe.specs["decoder"]))
+        e2e = pipe.prefill(prep, pipe.encode_images(prep.images), KVCache(pipe.specs["decoder"]))
         report.comparisons.append(compare(case, "first-token logits", e2e, ref["logits"], tol.logits_max_abs, tol.component_min_cosine))
 
         ref_tokens = adapter.reference_generate(torch_model, ref_in, n_tokens)

@@ -95,6 +95,8 @@ def resolve_source(recipe: Recipe, model_override: str | None, adapter: FamilyAd
         return out, {"kind": "synthetic", "recipe": recipe.name, "path": str(out), "seed": recipe.synthetic.get("seed", 0)}
     assert source is not None
     p = Path(source).expanduser()
+    if model_override is None and not p.is_absolute() and recipe.path is not None and source.startswith("."):
+        p = (recipe.path.parent / p).resolve()  # a recipe's relative path is relative to the recipe file
     if p.exists():
         if not p.is_dir():
             raise UserError(f"--model {source}: not a directory")

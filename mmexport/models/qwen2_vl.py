@@ -77,11 +77,9 @@ def _torch():
 def _wrappers():
     torch = _torch()
     from torch import nn
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-        apply_rotary_pos_emb,
-        apply_rotary_pos_emb_vision,
-        repeat_kv,
-    )
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
+
+    from .torch_ops import EmbedTokens, attend_with_cache, cache_biases
 
     class VisionEncoder(nn.Module):
         """pixel_values [P, C*T*p*p], rotary cos/sin [P, head_dim] -> hidden [P, embed_dim] (one image)."""
@@ -120,14 +118,6 @@ def _wrappers():
         def forward(self, vision_hidden):
             return self.merger(vision_hidden)
 
-    class EmbedTokens(nn.Module):
-        def __init__(self, embed):
-            super().__init__()
-            self.embed = embed
-
-        def forward(self, input_ids):
-            return self.embed(input_ids)
-
     class Decoder(nn.Module):
         """Qwen2 decoder with M-RoPE over a static, preallocated KV cache; last-position logits only.
 
@@ -147,13 +137,7 @@ def _wrappers():
             h = inputs_embeds
             bsz, seq = h.shape[0], h.shape[1]
             cos, sin = self.lm.rotary_emb(h, position_ids)  # M-RoPE sections, [B, S, D]
-            neg = torch.finfo(torch.float32).min
-            zero = torch.zeros((), dtype=torch.float32)
-            # cached slots: those the caller marked filled; new tokens: causal among themselves
-            cache_bias = torch.where(cache_mask.bool().view(bsz, 1, 1, -1), zero, torch.full((), neg))
-            i = torch.arange(seq, device=h.device)
-            new_bias = torch.where((i.view(1, seq) <= i.view(seq, 1)).view(1, 1, seq, seq), zero, torch.full((), neg))
-            capacity = cache[0].shape[2]
+            cache_bias, new_bias = cache_biases(cache_mask, seq)
             new_kv = []
             for n, layer in enumerate(self.lm.layers):
                 att = layer.self_attn
@@ -164,14 +148,7 @@ def _wrappers():
                 v = att.v_proj(x).view(bsz, seq, -1, att.head_dim).transpose(1, 2)
                 q, k = apply_rotary_pos_emb(q, k, cos, sin)
                 new_kv += [k, v]
-                g = att.num_key_value_groups
-                ck, cv = repeat_kv(cache[2 * n], g), repeat_kv(cache[2 * n + 1], g)
-                kr, vr = repeat_kv(k, g), repeat_kv(v, g)
-                s_cache = torch.matmul(q, ck.transpose(2, 3)).float() * att.scaling + cache_bias
-                s_new = torch.matmul(q, kr.transpose(2, 3)).float() * att.scaling + new_bias
-                w = torch.softmax(torch.cat([s_cache, s_new], dim=-1), dim=-1).to(q.dtype)
-                o = torch.matmul(w[..., :capacity], cv) + torch.matmul(w[..., capacity:], vr)
-                o = o.transpose(1, 2).reshape(bsz, seq, -1)
+                o = attend_with_cache(q, k, v, cache[2 * n], cache[2 * n + 1], cache_bias, new_bias, att.scaling, att.num_key_value_groups)
                 h = residual + att.o_proj(o)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             h = self.lm.norm(h[:, -1:, :])
@@ -480,3 +457,28 @@ def _reference_generate(model, inputs: dict[str, Any], n: int) -> list[int]:
 Qwen2VLAdapter.reference_inputs = staticmethod(_reference_inputs)
 Qwen2VLAdapter.reference_outputs = staticmethod(_reference_outputs)
 Qwen2VLAdapter.reference_generate = staticmethod(_reference_generate)
+
+
+def _verify_components(pipe, prep, ref: dict[str, Any], case: str, tol_for) -> list:
+    """Each exported component on the reference's own inputs, so errors do not compound."""
+    import numpy as np
+
+    from ..runtime.pipeline import KVCache
+    from ..verify import compare, component_tol
+
+    out = []
+    for i, img in enumerate(prep.images):
+        tag = f"{case}[{i}]"
+        out.append(compare(tag, "preprocess", img.pixel_values, ref["pixel_values"][i], 1e-5, 0.999999))
+        hidden = pipe.runners["vision_encoder"].infer(pipe.family.vision_feeds(img))["vision_hidden"]
+        out.append(compare(tag, "vision_encoder", hidden, ref["vision_encoder"][i], *component_tol(tol_for("vision_encoder"))))
+        proj = pipe.runners["projector"].infer({"vision_hidden": ref["vision_encoder"][i].astype(np.float32)})["image_embeds"]
+        out.append(compare(tag, "projector", proj, ref["projector"][i], *component_tol(tol_for("projector"))))
+    out.append(compare(case, "embed_tokens", pipe.embed(prep.input_ids), ref["embed_tokens"], *component_tol(tol_for("embed_tokens"))))
+    logits = pipe.decoder_step(ref["decoder_inputs_embeds"].astype(np.float32), pipe.family.prefill_feeds(prep, None), KVCache(pipe.specs["decoder"]))
+    t = tol_for("decoder")
+    out.append(compare(case, "decoder", logits, ref["logits"], t.logits_max_abs, t.component_min_cosine))
+    return out
+
+
+Qwen2VLAdapter.verify_components = staticmethod(_verify_components)

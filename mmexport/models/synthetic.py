@@ -21,10 +21,16 @@ QWEN2_SPLIT = (
 )
 
 
-def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int):
+# Llama 3's pre-tokenizer split (tiktoken cl100k style: digits in groups of up to three).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int, split: str = QWEN2_SPLIT):
     """A byte-level BPE tokenizer (Qwen2-style pre-tokenization) trained on the in-repo corpus.
 
-    Training is deterministic for a given corpus and vocab size. Special tokens get the ids right
+    Training is deterministic for a given corpus, vocab size and split regex. Special tokens get the ids right
     after the learned vocabulary, in the order given.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -33,7 +39,7 @@ def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int):
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -1,10 +1,11 @@
-"""The torch-free pipeline that stitches the exported components together (Method A):
+"""The torch-free pipeline that stitches the exported components together:
 
-  preprocess image -> vision_encoder -> projector -> merge into the token embeddings
+  preprocess image -> vision stages (Method A: vision_encoder -> projector -> merged into the token
+  embeddings; Method B: vision_encoder -> projector -> cross_kv, once per request)
   -> decoder prefill -> decode loop (one token at a time, KV cache carried between steps)
 
-Family specifics (patching, rotary tables, position ids) come from the family runtime named in the
-manifest; everything else here is generic and backend-independent.
+Family specifics (patching, tiling, rotary tables, position ids, which method) come from the family
+runtime named in the manifest (runtime/methods.py); everything here is generic and backend-independent.
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ from .sampling import Sampler, SamplingParams
 class Prepared:
     input_ids: np.ndarray  # [S] int64
     images: list[Any]  # family EncodedImage objects
-    position_ids: np.ndarray  # [3, 1, S]
+    position_ids: np.ndarray  # the family's layout: [3, 1, S] M-RoPE, [1, S] plain
     rope_delta: int
     text: str  # the rendered prompt (placeholders expanded)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. Method B's cross-attention mask
 
 
 @dataclass
@@ -132,39 +134,24 @@ class Pipeline:
         if len(ids) >= self.max_context:
             raise UserError(f"the prompt is {len(ids)} tokens; this build's context is {self.max_context} tokens")
         pos, delta = self.family.prompt_positions(ids, encoded)
-        return Prepared(ids, encoded, pos, delta, text)
+        return Prepared(ids, encoded, pos, delta, text, self.family.prompt_extras(ids, encoded))
 
-    def encode_image(self, img, timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(vision hidden states, image embeddings) for one preprocessed image; adds ms to `timings`."""
-        t0 = time.perf_counter()
-        hidden = self.runners["vision_encoder"].infer(self.family.vision_feeds(img))["vision_hidden"]
-        t1 = time.perf_counter()
-        embeds = self.runners["projector"].infer({"vision_hidden": hidden})["image_embeds"]
-        if timings is not None:
-            timings["vision"] = timings.get("vision", 0.0) + (t1 - t0) * 1e3
-            timings["projector"] = timings.get("projector", 0.0) + (time.perf_counter() - t1) * 1e3
-        return hidden, embeds
+    def encode_images(self, images: Sequence[Any], timings: dict[str, float] | None = None):
+        """The family's vision state for the request (Method A: image embeddings; B: cross K/V)."""
+        return self.family.encode_images(self, images, timings)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.runners["embed_tokens"].infer({"input_ids": ids.reshape(1, -1).astype(np.int64)})["inputs_embeds"]
 
-    def merge(self, ids: np.ndarray, text_embeds: np.ndarray, image_embeds: Sequence[np.ndarray]) -> np.ndarray:
-        """Put the image embeddings at the image-token positions, in order."""
-        out = text_embeds.copy()
-        if image_embeds:
-            where = np.flatnonzero(ids == self.family.image_token_id)
-            flat = np.concatenate(image_embeds, axis=0)
-            if len(where) != len(flat):
-                raise UserError(f"{len(where)} image tokens in the prompt for {len(flat)} image embeddings")
-            out[0, where] = flat.astype(out.dtype)
-        return out
-
-    def decoder_step(self, embeds: np.ndarray, position_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+    def decoder_step(self, embeds: np.ndarray, feeds: dict[str, np.ndarray], cache: KVCache) -> np.ndarray:
         """Run the decoder on `embeds` [1, S, H] after the cached tokens; returns last-position logits [V]."""
-        feed = {"inputs_embeds": embeds, "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64), **cache.feeds()}
-        out = self.runners["decoder"].infer(feed)
+        out = self.runners["decoder"].infer({"inputs_embeds": embeds, **feeds, **cache.feeds()})
         cache.append(out)
         return out["logits"][0, -1]
+
+    def prefill(self, prep: Prepared, state, cache: KVCache) -> np.ndarray:
+        """The prompt through the decoder (the cache must be empty); returns the first token's logits."""
+        return self.decoder_step(self.family.prompt_embeds(self, prep, state), self.family.prefill_feeds(prep, state), cache)
 
     # -- the whole request ---------------------------------------------------------------------------
     def generate(
@@ -183,14 +170,15 @@ class Pipeline:
         prep = self.prepare(prompt, images, raw_prompt=raw_prompt)
         t1 = time.perf_counter()
         timings["preprocess"] = (t1 - t0) * 1e3
-        timings["vision"] = timings["projector"] = 0.0
-        image_embeds = [self.encode_image(im, timings)[1] for im in prep.images]
+        for stage in self.family.image_stages:
+            timings[stage] = 0.0
+        state = self.encode_images(prep.images, timings)
         t2 = time.perf_counter()
-        timings["vision"] = (t2 - t1) * 1e3 - timings["projector"]  # the stages add up to ttft exactly
+        # the stages add up to ttft exactly: vision takes the loop's own overhead
+        timings["vision"] = (t2 - t1) * 1e3 - sum(timings[s] for s in self.family.image_stages if s != "vision")
 
         cache = KVCache(self.specs["decoder"])
-        embeds = self.merge(prep.input_ids, self.embed(prep.input_ids), image_embeds)
-        logits = self.decoder_step(embeds, prep.position_ids, cache)
+        logits = self.prefill(prep, state, cache)
         t3 = time.perf_counter()
         timings["prefill"] = (t3 - t2) * 1e3
         timings["ttft"] = (t3 - t0) * 1e3
@@ -211,8 +199,7 @@ class Pipeline:
                 break
             if len(generated) == budget:
                 break
-            pos = self.family.step_positions(cache.length, 1, prep.rope_delta)
-            logits = self.decoder_step(self.embed(np.asarray([tok])), pos, cache)
+            logits = self.decoder_step(self.embed(np.asarray([tok])), self.family.step_feeds(prep, state, cache.length), cache)
         stream.finish()
         t4 = time.perf_counter()
         timings["decode"] = (t4 - t3) * 1e3

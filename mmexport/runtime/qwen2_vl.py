@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import UserError
 from .image import Qwen2VLImageParams, preprocess_image
 from .families import register_runtime
+from .methods import EmbeddingMerge
 
 
 def vision_position_ids(grid_h: int, grid_w: int, merge: int) -> np.ndarray:
@@ -86,8 +87,8 @@ class EncodedImage:
 
 
 @register_runtime("qwen2_vl")
-class Qwen2VLRuntime:
-    """The Qwen2-VL hooks of the generic pipeline (see pipeline.py)."""
+class Qwen2VLRuntime(EmbeddingMerge):
+    """The Qwen2-VL hooks of the generic pipeline (Method A, see methods.py)."""
 
     def __init__(self, model_cfg: dict[str, Any]):
         self.image_params = Qwen2VLImageParams.from_dict(model_cfg["image"])

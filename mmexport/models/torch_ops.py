@@ -1,0 +1,52 @@
+"""Attention glue shared by the decoder wrappers of every family (imports torch: export side only).
+
+The static KV cache layout (see runtime/pipeline.py KVCache): the decoder reads the whole preallocated
+`[B, kv_heads, capacity, head_dim]` buffer, masked by `cache_mask [B, capacity]`, plus the new tokens'
+keys/values, and returns only the new ones. Scores against the cache and against the new tokens are
+joined (a small [.., S, capacity + S] tensor), soft-maxed in fp32 and split again, so the cache itself is
+never concatenated or copied inside the graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import repeat_kv
+
+NEG = torch.finfo(torch.float32).min
+
+
+def cache_biases(cache_mask: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive fp32 biases: over the cache slots [B, 1, 1, capacity] (0 where filled) and causal among
+    the `seq` new tokens [1, 1, S, S]."""
+    bsz = cache_mask.shape[0]
+    zero = torch.zeros((), dtype=torch.float32)
+    neg = torch.full((), NEG)
+    cache_bias = torch.where(cache_mask.bool().view(bsz, 1, 1, -1), zero, neg)
+    i = torch.arange(seq, device=cache_mask.device)
+    new_bias = torch.where((i.view(1, seq) <= i.view(seq, 1)).view(1, 1, seq, seq), zero, neg)
+    return cache_bias, new_bias
+
+
+def attend_with_cache(q, k, v, cache_k, cache_v, cache_bias, new_bias, scaling: float, groups: int):
+    """softmax([q·cache_kᵀ | q·kᵀ] + biases) · [cache_v | v] without concatenating the cache.
+
+    q [B, H, S, D]; k, v [B, kv, S, D]; cache_k, cache_v [B, kv, capacity, D] -> [B, S, H*D]."""
+    capacity = cache_k.shape[2]
+    ck, cv = repeat_kv(cache_k, groups), repeat_kv(cache_v, groups)
+    kr, vr = repeat_kv(k, groups), repeat_kv(v, groups)
+    s_cache = torch.matmul(q, ck.transpose(2, 3)).float() * scaling + cache_bias
+    s_new = torch.matmul(q, kr.transpose(2, 3)).float() * scaling + new_bias
+    w = torch.softmax(torch.cat([s_cache, s_new], dim=-1), dim=-1).to(q.dtype)
+    o = torch.matmul(w[..., :capacity], cv) + torch.matmul(w[..., capacity:], vr)
+    return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class EmbedTokens(nn.Module):
+    """input_ids [B, S] -> inputs_embeds [B, S, hidden] (the checkpoint's own embedding table)."""
+
+    def __init__(self, embed):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)

@@ -1,0 +1,174 @@
+"""The two ways a multimodal LLM feeds images to its decoder, as runtime strategies (torch-free).
+
+A family runtime (runtime/qwen2_vl.py, runtime/mllama.py) inherits one of them and adds its own
+preprocessing and positions; the generic pipeline (pipeline.py) only calls these hooks:
+
+  encode_images(pipe, images, timings) -> vision state    once per request, before prefill
+  prompt_embeds(pipe, prep, state)     -> [1, S, hidden]  the prompt's decoder input
+  prefill_feeds(prep, state)           -> extra decoder inputs for the prompt
+  step_feeds(prep, state, start)       -> extra decoder inputs for one generated token at `start`
+
+Method A (EmbeddingMerge: Qwen2-VL, LLaVA, SmolVLM): vision encoder -> projector -> image embeddings
+written over the image placeholder tokens; the decoder is a plain LLM.
+
+Method B (CrossAttention: Llama 3.2 Vision / mllama): vision encoder -> projector -> the keys/values of
+every cross-attention layer, computed once (`cross_kv`) and fed unchanged to every decoder step; the
+prompt keeps one `<|image|>` token per image and a per-token, per-tile cross-attention mask says which
+image tiles each text token may attend to.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+
+
+class FamilyRuntime:
+    """What every family runtime provides (see the module docstring for the decoding hooks)."""
+
+    image_token: str
+    image_token_id: int
+    image_stages: tuple[str, ...] = ("vision", "projector")
+
+    def preprocess(self, image) -> Any:
+        raise NotImplementedError
+
+    def image_token_count(self, img) -> int:
+        """How many placeholder tokens one image takes in the prompt."""
+        return 1
+
+    def prompt_positions(self, input_ids: Sequence[int], images: Sequence[Any]) -> tuple[np.ndarray, int]:
+        """Decoder position ids for the prompt and the offset that decode steps add."""
+        raise NotImplementedError
+
+    def prompt_extras(self, input_ids: np.ndarray, images: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Further per-prompt arrays the decoder needs (Method B: the cross-attention mask)."""
+        return {}
+
+
+def _timed(timings: dict[str, float] | None, stage: str, t0: float) -> float:
+    t1 = time.perf_counter()
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + (t1 - t0) * 1e3
+    return t1
+
+
+class EmbeddingMerge(FamilyRuntime):
+    """Method A: image embeddings replace the image placeholder tokens' embeddings."""
+
+    def vision_feeds(self, img) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def encode_image(self, pipe, img, timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(vision hidden states, image embeddings) for one preprocessed image."""
+        t0 = time.perf_counter()
+        hidden = pipe.runners["vision_encoder"].infer(self.vision_feeds(img))["vision_hidden"]
+        t0 = _timed(timings, "vision", t0)
+        embeds = pipe.runners["projector"].infer({"vision_hidden": hidden})["image_embeds"]
+        _timed(timings, "projector", t0)
+        return hidden, embeds
+
+    def encode_images(self, pipe, images: Sequence[Any], timings: dict[str, float] | None = None) -> list[np.ndarray]:
+        return [self.encode_image(pipe, im, timings)[1] for im in images]
+
+    def merge_embeds(self, ids: np.ndarray, text_embeds: np.ndarray, image_embeds: Sequence[np.ndarray]) -> np.ndarray:
+        """Put the image embeddings at the image-token positions, in order."""
+        out = text_embeds.copy()
+        if len(image_embeds):
+            where = np.flatnonzero(ids == self.image_token_id)
+            flat = np.concatenate(image_embeds, axis=0)
+            if len(where) != len(flat):
+                raise UserError(f"{len(where)} image tokens in the prompt for {len(flat)} image embeddings")
+            out[0, where] = flat.astype(out.dtype)
+        return out
+
+    def prompt_embeds(self, pipe, prep, state: list[np.ndarray]) -> np.ndarray:
+        return self.merge_embeds(prep.input_ids, pipe.embed(prep.input_ids), state)
+
+    def prefill_feeds(self, prep, state) -> dict[str, np.ndarray]:
+        return {"position_ids": np.ascontiguousarray(prep.position_ids, dtype=np.int64)}
+
+    def step_feeds(self, prep, state, start: int) -> dict[str, np.ndarray]:
+        return {"position_ids": self.step_positions(start, 1, prep.rope_delta)}
+
+    def step_positions(self, start: int, count: int, delta: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclass
+class CrossState:
+    """Method B's per-request vision state: every cross-attention layer's keys/values (computed once)."""
+
+    feeds: dict[str, np.ndarray]  # cross_key_j / cross_value_j [1, kv, tiles, P, D]
+    tiles: int  # tile slots attended (images x max_tiles); 1 zero slot when there is no image
+    has_image: bool
+
+
+class CrossAttention(FamilyRuntime):
+    """Method B: the decoder's cross-attention layers read keys/values computed once from the images."""
+
+    image_stages = ("vision", "projector", "cross_kv")
+    cross_layers: Sequence[int] = ()
+    max_tiles: int = 1
+
+    def vision_feeds(self, img) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def image_states(self, pipe, img, timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(vision features, projected states [max_tiles, P, hidden]) for one preprocessed image."""
+        t0 = time.perf_counter()
+        feats = pipe.runners["vision_encoder"].infer(self.vision_feeds(img))["vision_hidden"]
+        t0 = _timed(timings, "vision", t0)
+        states = pipe.runners["projector"].infer({"vision_hidden": feats})["image_states"]
+        _timed(timings, "projector", t0)
+        return feats, states
+
+    def cross_kv(self, pipe, states: np.ndarray, timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        out = pipe.runners["cross_kv"].infer({"cross_states": np.ascontiguousarray(states)})
+        _timed(timings, "cross_kv", t0)
+        return out
+
+    def encode_images(self, pipe, images: Sequence[Any], timings: dict[str, float] | None = None) -> CrossState:
+        if not images:
+            # text-only: the decoder skips its cross-attention layers (has_image = 0); the cross inputs
+            # still need a shape, so one zero tile slot stands in (never read)
+            spec = pipe.specs["decoder"]
+            feeds = {}
+            for t in spec.inputs:
+                if t.name.startswith("cross_key_") or t.name.startswith("cross_value_"):
+                    shape = tuple(1 if isinstance(d, str) else d for d in t.shape)
+                    feeds[t.name] = np.zeros(shape, dtype=t.dtype)
+            return CrossState(feeds, 1, False)
+        states = np.concatenate([self.image_states(pipe, im, timings)[1] for im in images], axis=0)
+        return CrossState(self.cross_kv(pipe, states, timings), int(states.shape[0]), True)
+
+    def prompt_embeds(self, pipe, prep, state: CrossState) -> np.ndarray:
+        return pipe.embed(prep.input_ids)
+
+    def _feeds(self, state: CrossState, positions: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "position_ids": positions,
+            "cross_attention_mask": np.ascontiguousarray(mask, dtype=np.int64),
+            "has_image": np.asarray([1 if state.has_image else 0], dtype=np.int64),
+            **state.feeds,
+        }
+
+    def prefill_feeds(self, prep, state: CrossState) -> dict[str, np.ndarray]:
+        return self._feeds(state, np.ascontiguousarray(prep.position_ids, dtype=np.int64), self._mask(prep, state)[None])
+
+    def step_feeds(self, prep, state: CrossState, start: int) -> dict[str, np.ndarray]:
+        # a generated token sees what the prompt's last token sees (transformers repeats the last row)
+        pos = np.asarray([[start + prep.rope_delta]], dtype=np.int64)
+        return self._feeds(state, pos, self._mask(prep, state)[None, -1:])
+
+    def _mask(self, prep, state: CrossState) -> np.ndarray:
+        """[S, tiles] int64: which tile slots each prompt token attends."""
+        mask = prep.extras.get("cross_attention_mask")
+        if mask is None or not state.has_image:
+            return np.zeros((len(prep.input_ids), state.tiles), dtype=np.int64)
+        return mask.reshape(len(prep.input_ids), -1)

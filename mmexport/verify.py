@@ -182,7 +182,8 @@ def verify(
             report.checks.append(Check(case, "position ids", same_pos, "identical to transformers" if same_pos else "differ from transformers"))
 
         # each component on the reference's own inputs (the family knows its components)
-        report.comparisons += adapter.verify_components(pipe, prep, ref, case, tol_for)
+        for r in adapter.verify_components(pipe, prep, ref, case, tol_for):
+            (report.comparisons if isinstance(r, Comparison) else report.checks).append(r)
 
         # end to end: the runtime's own chain
         e2e = pipe.prefill(prep, pipe.encode_images(prep.images), KVCache(pipe.specs["decoder"]))

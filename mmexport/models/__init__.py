@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 # family name -> module that defines and registers its adapter
 _FAMILY_MODULES = {
     "qwen2_vl": "mmexport.models.qwen2_vl",
+    "mllama": "mmexport.models.mllama",
 }
 _REGISTRY: dict[str, type] = {}
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import UserError
 
-_MODULES = {"qwen2_vl": "mmexport.runtime.qwen2_vl"}
+_MODULES = {"qwen2_vl": "mmexport.runtime.qwen2_vl", "mllama": "mmexport.runtime.mllama"}
 _REGISTRY: dict[str, type] = {}
 
 

@@ -38,7 +38,8 @@ from typing import Any, Callable
 
 from .errors import UserError
 
-STAGES = ("preprocess", "vision", "projector", "prefill", "ttft", "decode", "total")
+# every stage a family may time, in pipeline order; a side reports the ones it has (cross_kv: Method B)
+STAGES = ("preprocess", "vision", "projector", "cross_kv", "prefill", "ttft", "decode", "total")
 DEFAULT_PROMPT = "Describe the image."
 MB = 1024 * 1024
 
@@ -101,6 +102,7 @@ class SideResult:
     token_ids: list[int]
     memory: Memory
     load_s: float
+    calls: dict[str, int] = field(default_factory=dict)  # component -> inferences per request
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +115,7 @@ class SideResult:
             "token_ids": self.token_ids,
             "memory": self.memory.to_dict(),
             "load_s": round(self.load_s, 3),
+            "calls_per_request": self.calls,
             "notes": self.notes,
         }
 
@@ -142,6 +145,8 @@ class BenchReport:
             return None
         r: dict[str, float] = {}
         for k in STAGES:
+            if k not in self.ours.timings_ms or k not in self.eager.timings_ms:
+                continue
             a, b = self.ours.timings_ms[k].median, self.eager.timings_ms[k].median
             if b > 0:
                 r[f"{k}_ratio"] = a / b
@@ -349,8 +354,9 @@ def machine_info(with_torch: bool = False) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # the bench
 # ---------------------------------------------------------------------------------------------
-def _collect(runs: list[dict[str, float]], keys) -> dict[str, Stats]:
-    return {k: Stats([r[k] for r in runs]) for k in keys}
+def _collect(runs: list[dict[str, float]]) -> dict[str, Stats]:
+    """Stats per stage over the runs, for the stages (of STAGES) the runs report."""
+    return {k: Stats([r[k] for r in runs]) for k in STAGES if k in runs[0]}
 
 
 def bench(
@@ -408,20 +414,21 @@ def bench(
         with RssMonitor() as mon:
             for i in range(repeat):
                 res = run_ours()
-                runs.append({**{k: float(res.timings_ms.get(k, 0.0)) for k in STAGES}, "tok_s": res.tokens_per_s})
+                runs.append({**{k: float(v) for k, v in res.timings_ms.items() if k in STAGES}, "tok_s": res.tokens_per_s})
                 log(f"  ours  run {i + 1}/{repeat}: ttft {res.timings_ms['ttft']:.0f} ms, decode {res.tokens_per_s:.1f} tok/s")
         assert res is not None
     finally:
         pipe.close()
     ours = SideResult(
         name=f"exported ({backend})",
-        timings_ms=_collect(runs, STAGES),
+        timings_ms=_collect(runs),
         tokens_per_s=Stats([r["tok_s"] for r in runs]),
         tokens_generated=len(res.token_ids),
         prompt_tokens=res.prompt_tokens,
         token_ids=list(res.token_ids),
         memory=Memory(base / MB, loaded / MB, mon.peak / MB, mon.method),
         load_s=load_s,
+        calls=dict(res.calls),
         notes=["load includes the sha256 check of every artifact file",
                "decode includes sampling and incremental detokenization, as `mmexport run`"],
     )
@@ -515,7 +522,7 @@ def _bench_eager(m, images, prompt, new_tokens, repeat, warmup, model, log):
     assert out is not None
     eager = SideResult(
         name="pytorch eager (fp32)",
-        timings_ms=_collect(runs, STAGES),
+        timings_ms=_collect(runs),
         tokens_per_s=Stats([r["tok_s"] for r in runs]),
         tokens_generated=len(out["tokens"]),
         prompt_tokens=out["prompt_tokens"],
@@ -523,7 +530,7 @@ def _bench_eager(m, images, prompt, new_tokens, repeat, warmup, model, log):
         memory=Memory(base / MB, loaded / MB, mon.peak / MB, mon.method),
         load_s=load_s,
         notes=["preprocess: transformers tokenizer + image processor" + (" (loaded once, outside the timing)" if memo else " (including from_pretrained)"),
-               "vision excludes the merger, which is timed as projector (forward hooks)",
+               *out.get("notes", []),
                "memory baseline is taken after the exported model was released, in the same process"],
     )
     del tm
@@ -586,10 +593,60 @@ def _eager_qwen2_vl(model, adapter, model_dir, messages, images, new_tokens) -> 
         "tok_s": (len(tokens) - 1) / decode if len(tokens) > 1 and decode > 0 else 0.0,
         "tokens": tokens,
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "notes": ["vision excludes the merger, which is timed as projector (forward hooks)"],
     }
 
 
-_EAGER: dict[str, Callable[..., dict[str, Any]]] = {"qwen2_vl": _eager_qwen2_vl}
+def _eager_mllama(model, adapter, model_dir, messages, images, new_tokens) -> dict[str, Any]:
+    """One request through transformers' mllama, stage by stage, greedy, EOS ignored. transformers
+    projects the cross-attention keys/values inside its first forward, so they count as prefill here."""
+    import torch
+
+    t0 = time.perf_counter()
+    inputs = adapter.reference_inputs(model, model_dir, messages, images)
+    t1 = time.perf_counter()
+    states, proj, mask = None, 0.0, inputs.get("cross_attention_mask")
+    if "pixel_values" in inputs:
+        feats = model.model.vision_model(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                                         aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state
+        tp = time.perf_counter()
+        states = model.model.multi_modal_projector(feats)
+        states = states.reshape(-1, states.shape[-2], states.shape[-1])
+        proj = time.perf_counter() - tp
+    t2 = time.perf_counter()
+    out = model(input_ids=inputs["input_ids"], cross_attention_states=states, cross_attention_mask=mask, use_cache=True, logits_to_keep=1)
+    logits = out.logits[0, -1]
+    t3 = time.perf_counter()
+    cache = out.past_key_values
+    step_mask = mask[:, -1:] if mask is not None else None
+    tokens: list[int] = []
+    while True:
+        tok = int(torch.argmax(logits))
+        tokens.append(tok)
+        if len(tokens) == new_tokens:
+            break
+        out = model(input_ids=torch.tensor([[tok]], dtype=torch.long), cross_attention_mask=step_mask, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        logits = out.logits[0, -1]
+    t4 = time.perf_counter()
+    decode = t4 - t3
+    return {
+        "preprocess": (t1 - t0) * 1e3,
+        "vision": (t2 - t1 - proj) * 1e3,
+        "projector": proj * 1e3,
+        "prefill": (t3 - t2) * 1e3,
+        "ttft": (t3 - t0) * 1e3,
+        "decode": decode * 1e3,
+        "total": (t4 - t0) * 1e3,
+        "tok_s": (len(tokens) - 1) / decode if len(tokens) > 1 and decode > 0 else 0.0,
+        "tokens": tokens,
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "notes": ["cross-attention keys/values are projected inside prefill (transformers caches them in its first forward)"],
+    }
+
+
+_EAGER: dict[str, Callable[..., dict[str, Any]]] = {"qwen2_vl": _eager_qwen2_vl, "mllama": _eager_mllama}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,9 +666,11 @@ def render_bench(report: BenchReport, console) -> None:
     cols = ["stage", f"{o.name} ms"] + ([f"{e.name} ms", "ours / eager"] if e else [])
     t = Table(*cols, title=title)
     for k in STAGES:
+        if k not in o.timings_ms:
+            continue
         row = [k, _fmt_ms(o.timings_ms[k])]
         if e:
-            row += [_fmt_ms(e.timings_ms[k]), f"{r[k + '_ratio']:.2f}x" if k + "_ratio" in r else "-"]
+            row += [_fmt_ms(e.timings_ms[k]) if k in e.timings_ms else "-", f"{r[k + '_ratio']:.2f}x" if k + "_ratio" in r else "-"]
         t.add_row(*row, style="bold" if k == "ttft" else None)
     row = ["decode tok/s", _fmt_ms(o.tokens_per_s)]
     if e:
@@ -622,6 +681,8 @@ def render_bench(report: BenchReport, console) -> None:
     row = ["load s", f"{o.load_s:.2f}"] + ([f"{e.load_s:.2f}", ""] if e else [])
     t.add_row(*row)
     console.print(t)
+    if o.calls:
+        console.print("component calls per request: " + ", ".join(f"{k} {v}" for k, v in o.calls.items()), highlight=False)
 
     mt = Table("memory (MB)", o.name, *([e.name] if e else []))
     for label, f in (("before load", "baseline_mb"), ("after load", "loaded_mb"), ("peak (timed runs)", "peak_mb"), ("peak - before load", "peak_delta_mb")):
@@ -669,9 +730,11 @@ def plot_bench(report: BenchReport, path: Path | str) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), gridspec_kw={"width_ratios": [2.2, 1, 1]})
     ax = axes[0]
     left = [0.0] * len(sides)
-    colors = {"preprocess": "#9e9e9e", "vision": "#1f77b4", "projector": "#17becf", "prefill": "#ff7f0e"}
+    colors = {"preprocess": "#9e9e9e", "vision": "#1f77b4", "projector": "#17becf", "cross_kv": "#9467bd", "prefill": "#ff7f0e"}
     for k, c in colors.items():
-        vals = [s.timings_ms[k].median for s in sides]
+        if not any(k in s.timings_ms for s in sides):
+            continue
+        vals = [s.timings_ms[k].median if k in s.timings_ms else 0.0 for s in sides]
         ax.barh(names, vals, left=left, color=c, label=k)
         left = [a + b for a, b in zip(left, vals)]
     for i, s in enumerate(sides):

@@ -113,12 +113,13 @@ def compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, tol_abs: flo
 
 
 def default_images() -> list[Any]:
-    """Two deterministic images of different odd sizes (and not the traced 6x10-patch grid)."""
+    """Three deterministic images of different odd sizes (and not the traced 6x10-patch grid)."""
     from PIL import Image
 
     rng = np.random.default_rng(7)
     out = []
-    for h, w in ((123, 77), (180, 260)):
+    # portrait, wide strip, landscape: different patch grids (Method A) and tile layouts (Method B)
+    for h, w in ((123, 77), (40, 150), (180, 260)):
         yy, xx = np.mgrid[0:h, 0:w]
         base = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 3) % 256], -1)
         noise = rng.integers(0, 40, size=(h, w, 3))

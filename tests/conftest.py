@@ -60,3 +60,11 @@ def images(tmp_path_factory) -> list[Path]:
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
+
+
+@pytest.fixture(scope="session")
+def mllama_artifacts(cache_dir, tmp_path_factory) -> Path:
+    """The tiny Method B (mllama) recipe, built once per session."""
+    out = tmp_path_factory.mktemp("build") / "llama-3.2-vision-tiny"
+    run_cli("build", "llama-3.2-vision-tiny", "--out", out)
+    return out

@@ -22,6 +22,7 @@ class Runner:
         self.path = Path(path)
         self.spec = spec
         self.active = False
+        self.calls = 0  # inferences run (bench and tests show which stages a decode step touches)
 
     def activate(self) -> "Runner":
         self.active = True
@@ -37,6 +38,7 @@ class Runner:
             self.spec.check_feed(feed)
         except ValueError as e:
             raise UserError(str(e)) from None
+        self.calls += 1
         return self._infer(feed)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

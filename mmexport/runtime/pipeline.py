@@ -42,6 +42,7 @@ class GenerationResult:
     prompt_tokens: int
     stop_reason: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)  # component -> inferences this request ran
 
     @property
     def tokens_per_s(self) -> float:
@@ -58,6 +59,7 @@ class GenerationResult:
             "generated_tokens": len(self.token_ids),
             "stop_reason": self.stop_reason,
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "calls": self.calls,
             "tokens_per_s": round(self.tokens_per_s, 3),
         }
 
@@ -166,6 +168,7 @@ class Pipeline:
         ignore_eos: bool = False,
     ) -> GenerationResult:
         timings: dict[str, float] = {}
+        calls0 = {name: r.calls for name, r in self.runners.items()}
         t0 = time.perf_counter()
         prep = self.prepare(prompt, images, raw_prompt=raw_prompt)
         t1 = time.perf_counter()
@@ -204,7 +207,8 @@ class Pipeline:
         t4 = time.perf_counter()
         timings["decode"] = (t4 - t3) * 1e3
         timings["total"] = (t4 - t0) * 1e3
-        return GenerationResult(stream.text, generated, int(len(prep.input_ids)), reason, timings)
+        calls = {name: r.calls - calls0[name] for name, r in self.runners.items()}
+        return GenerationResult(stream.text, generated, int(len(prep.input_ids)), reason, timings, calls)
 
 
 class _TextStream:

@@ -125,3 +125,16 @@ def test_tensorrt_rtx_builds_every_mllama_component(mllama_artifacts, tmp_path):
     assert meta["components"]["decoder"]["profile_names"] == ["prefill", "decode"]
     tiles = meta["components"]["decoder"]["input_shapes"]["decode"]["cross_attention_mask"]
     assert tiles["min"][2] == 1 and tiles["max"][2] == 2 * 4  # max_images x max_tiles
+
+
+def test_real_recipe_builds_from_a_local_checkpoint(mllama_artifacts, images, tmp_path):
+    """`--model DIR` takes the 11B recipe's path (fp16, one image) with any local mllama checkpoint."""
+    src = json.loads((mllama_artifacts / "manifest.json").read_text())["source"]["path"]
+    out = tmp_path / "llama11b-local"
+    run_cli("build", "llama-3.2-11b-vision", "--model", src, "--out", out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "fp16" and m["source"]["kind"] == "local" and m["limits"]["max_images"] == 1
+    p = run_cli("run", out, "--image", images[0], "--prompt", "Describe.", "--max-new-tokens", "3", "--json")
+    assert json.loads(p.stdout)["generated_tokens"] >= 1
+    p = run_cli("run", out, "--image", images[0], "--image", images[1], "--prompt", "Two?", check=2)
+    assert "at most 1" in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -372,12 +372,13 @@ class MllamaAdapter(FamilyAdapter):
         specs = {c.name: c for c in self.specs(model, recipe, model_dir)}
         g = torch.Generator().manual_seed(1234)
         lm = model.model.language_model
-        # examples: a 2-tile image (aspect id 2), two images' tile slots, a 7-token step after 5 cached tokens
+        # examples: a 2-tile image (aspect id 2), two images' tile slots (one if the recipe allows one),
+        # a 7-token step after 5 cached tokens
         ar_mask = torch.zeros(T, dtype=torch.int64)
         ar_mask[: min(2, T)] = 1
-        tiles, seq, past, ctx = 2 * T, 7, 5, recipe.limits.max_context
+        tiles, seq, past, ctx = min(2, recipe.limits.max_images) * T, 7, 5, recipe.limits.max_context
         cmask = torch.zeros(1, seq, tiles, dtype=torch.int64)
-        cmask[:, 2:, : T + 1] = 1  # the first two tokens see no image
+        cmask[:, 2:, : tiles - 1] = 1  # the first two tokens see no image, the others all but one tile
         mask = torch.zeros(1, ctx, dtype=torch.int64)
         mask[:, :past] = 1
         dec: dict[str, Any] = {

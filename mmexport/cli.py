@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError, VerificationFailed
@@ -284,10 +285,10 @@ def inspect_cmd(artifacts: ArtifactDir, as_json: JsonOpt = False) -> None:
         spec = c["spec"]
         for io, key in (("in", "inputs"), ("out", "outputs")):
             for tt in spec[key]:
-                t.add_row(io, tt["name"], tt["dtype"], "[" + ", ".join(str(x) for x in tt["shape"]) + "]")
+                t.add_row(io, tt["name"], tt["dtype"], escape("[" + ", ".join(str(x) for x in tt["shape"]) + "]"))
         out.print(t)
         dims = "; ".join(f"{n} {v['min']}..{v['max']} (opt {v['opt']})" for n, v in spec["dims"].items())
-        out.print(f"  dims: {dims}", highlight=False)
+        out.print(f"  dims: {dims or 'all static'}", highlight=False)
         for p, over in spec.get("profiles", {}).items():
             out.print(f"  profile {p}: " + "; ".join(f"{n} {v['min']}..{v['max']} (opt {v['opt']})" for n, v in over.items()), highlight=False)
     tok = d["tokenizer"]
@@ -308,8 +309,6 @@ def main() -> None:
     try:
         app()
     except (UserError, VerificationFailed) as e:
-        from rich.markup import escape
-
         msg = escape(str(e))  # messages quote paths and TOML tables like [tolerances.int4]
         err.print(f"[red]error:[/red] {msg}" if isinstance(e, UserError) else f"[red]{msg}[/red]", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -31,7 +31,6 @@ import platform
 import statistics
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -452,43 +451,8 @@ def bench(
 # ---------------------------------------------------------------------------------------------
 # PyTorch eager
 # ---------------------------------------------------------------------------------------------
-@contextmanager
-def _load_once():
-    """Memoize transformers' tokenizer / image-processor `from_pretrained` for the block, so the eager
-    side's preprocessing is timed without reading the files again (the runtime loads them once too)."""
-    patched = []
-    try:
-        import transformers
-        from transformers.image_processing_base import ImageProcessingMixin
-
-        targets = [(transformers.AutoTokenizer, "from_pretrained"), (ImageProcessingMixin, "from_pretrained")]
-    except ImportError:  # pragma: no cover - layout of another transformers version
-        targets = []
-    cache: dict[Any, Any] = {}
-
-    def memo(func):
-        def wrapper(cls, *a, **kw):
-            key = (cls, func, repr(a), repr(sorted(kw.items())))
-            if key not in cache:
-                cache[key] = func(cls, *a, **kw)
-            return cache[key]
-
-        return classmethod(wrapper)
-
-    for owner, name in targets:
-        orig = owner.__dict__.get(name)
-        if isinstance(orig, classmethod):
-            setattr(owner, name, memo(orig.__func__))
-            patched.append((owner, name, orig))
-    try:
-        yield bool(patched)
-    finally:
-        for owner, name, orig in patched:
-            setattr(owner, name, orig)
-
-
 def _bench_eager(m, images, prompt, new_tokens, repeat, warmup, model, log):
-    from .models.base import reference_checkpoint
+    from .models.base import memoized_from_pretrained, reference_checkpoint
     from .runtime.prompt import user_message
 
     runner = _EAGER.get(m.family)
@@ -510,7 +474,7 @@ def _bench_eager(m, images, prompt, new_tokens, repeat, warmup, model, log):
     log(f"pytorch eager: {model_dir} (float32, attn eager, {torch.get_num_threads()} threads)")
     messages = user_message(prompt, len(images))
     runs, out = [], None
-    with torch.no_grad(), _load_once() as memo:
+    with torch.no_grad(), memoized_from_pretrained() as memo:
         adapter.reference_inputs(tm, model_dir, messages, images)  # loads the tokenizer / processor once
         for i in range(warmup):
             runner(tm, adapter, model_dir, messages, images, new_tokens)

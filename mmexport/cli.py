@@ -164,12 +164,15 @@ def verify_cmd(
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt for the end-to-end check.")] = None,
     tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="Greedy tokens to compare [default: the recipe's].")] = None,
     backend: Annotated[str, typer.Option("--backend", help="ort or trt.")] = "ort",
+    task: Annotated[str, typer.Option("--task", help="Task accuracy vs PyTorch: auto (the recipe's [task], if any), none, or a task name (shapes).")] = "auto",
+    task_examples: Annotated[Optional[int], typer.Option("--task-examples", min=1, help="Held-out examples [default: the recipe's].")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the same inputs through PyTorch and the exported graphs; exit 1 beyond the recipe's tolerances."""
     from .verify import render_report, verify
 
-    report = verify(artifacts, model=model, images=list(image or []), prompt=prompt, tokens=tokens, backend=backend, log=_log)
+    report = verify(artifacts, model=model, images=list(image or []), prompt=prompt, tokens=tokens, backend=backend,
+                    task=task, task_examples=task_examples, log=_log)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

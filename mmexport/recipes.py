@@ -64,6 +64,7 @@ class Recipe:
     tolerances: dict[str, Tolerance]
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    task: dict[str, Any] | None = None  # [task]: a task-accuracy gate for verify (see mmexport/taskeval.py)
 
     def tolerance(self, precision: str) -> Tolerance:
         if precision not in self.tolerances:
@@ -93,6 +94,12 @@ def parse_recipe(data: dict[str, Any], name: str, path: Path | None = None) -> R
     if precision not in ("fp32", "fp16"):
         raise UserError(f"{where}: export.precision must be fp32 or fp16, got {precision!r}")
     tols = {k: Tolerance.from_dict(v) for k, v in _require(data, "tolerances", where).items()}
+    task = data.get("task")
+    if task is not None:
+        unknown = set(task) - {"name", "examples", "min_accuracy", "max_accuracy_drop"}
+        if "name" not in task or unknown:
+            raise UserError(f"{where}: [task] needs 'name' (and optionally examples, min_accuracy, max_accuracy_drop)"
+                            + (f"; unknown key(s) {', '.join(sorted(unknown))}" if unknown else ""))
     return Recipe(
         name=data.get("name", name),
         family=_require(data, "family", where),
@@ -110,6 +117,7 @@ def parse_recipe(data: dict[str, Any], name: str, path: Path | None = None) -> R
         tolerances=tols,
         path=path,
         raw=data,
+        task=task,
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,13 +67,15 @@ class VerifyReport:
     tolerance: dict[str, Any]
     comparisons: list[Comparison] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
+    task: Any = None  # taskeval.TaskResult when a task was evaluated
     seconds: float = 0.0
 
     @property
     def failures(self) -> list[str]:
         f = [f"{c.case}/{c.name}: max_abs {c.max_abs:.3g} (tol {c.tol_abs:g}), cosine {c.cosine:.6f}" + ("" if c.finite else ", NaN/Inf")
              for c in self.comparisons if not c.passed]
-        return f + [f"{c.case}/{c.name}: {c.detail}" for c in self.checks if not c.passed]
+        f += [f"{c.case}/{c.name}: {c.detail}" for c in self.checks if not c.passed]
+        return f + (self.task.failures if self.task is not None else [])
 
     @property
     def passed(self) -> bool:
@@ -88,6 +90,7 @@ class VerifyReport:
             "tolerance": self.tolerance,
             "comparisons": [c.to_dict() for c in self.comparisons],
             "checks": [c.to_dict() for c in self.checks],
+            "task": self.task.to_dict() if self.task is not None else None,
             "failures": self.failures,
             "seconds": round(self.seconds, 2),
         }
@@ -134,10 +137,14 @@ def verify(
     prompt: str | None = None,
     tokens: int | None = None,
     backend: str = "ort",
+    task: str | None = "auto",
+    task_examples: int | None = None,
     log: Callable[[str], None] = print,
 ) -> VerifyReport:
+    """`task`: "auto" evaluates the recipe's [task] (if it declares one), "none" skips it, or a task name."""
     from .models.base import reference_checkpoint
     from .runtime.image import load_image
+    from .taskeval import TaskGate, evaluate_task, load_task
     from .runtime.pipeline import KVCache, Pipeline
     from .runtime.prompt import user_message
     from .runtime.sampling import SamplingParams
@@ -155,6 +162,11 @@ def verify(
     def tol_for(component: str):
         return tol if component in quantized else base_tol
 
+    gate = TaskGate.from_recipe(recipe.task, task)
+    if gate is not None:
+        load_task(gate.name)  # an unknown task fails now, not after the comparisons
+        if task_examples:
+            gate = replace(gate, examples=task_examples)
     n_tokens = tokens or tol.greedy_tokens
     log(f"reference: transformers on {model_dir}")
     torch_model = adapter.load(model_dir)
@@ -199,6 +211,8 @@ def verify(
         report.checks.append(Check(case, f"greedy {n_tokens} tokens", ok,
                                    f"{agree:.0%} agree" + (" (identical)" if ours == ref_cmp else ""),
                                    {"ours": ours, "transformers": ref_cmp}))
+    if gate is not None:
+        report.task = evaluate_task(pipe, torch_model, adapter, model_dir, gate, recipe.limits.max_new_tokens, log=log)
     pipe.close()
     report.seconds = time.perf_counter() - t0
     (Path(artifacts) / "verify.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -225,4 +239,8 @@ def render_report(report: VerifyReport, console) -> None:
     for c in report.checks:
         t2.add_row(c.case, c.name, c.detail, "[green]ok[/green]" if c.passed else "[red]FAIL[/red]")
     console.print(t2)
+    if report.task is not None:
+        from .taskeval import render_task
+
+        render_task(report.task, console, f"export ({report.precision})")
     console.print("[bold green]PASSED[/bold green]" if report.passed else "[bold red]FAILED[/bold red]", f"({report.seconds:.1f} s)")

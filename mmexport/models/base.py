@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,39 @@ def reference_checkpoint(manifest_data: dict[str, Any], model: str | None, log=p
         model = src["path"]
     model_dir, _ = resolve_source(recipe, model, adapter, log=log)
     return recipe, adapter, model_dir, weights_digest(model_dir) == src.get("weights_sha256")
+
+
+@contextmanager
+def memoized_from_pretrained():
+    """Memoize transformers' tokenizer / image-processor `from_pretrained` for the block, so a loop of
+    reference requests (bench's eager side, verify's task) does not re-read the files each time (the
+    runtime loads them once too)."""
+    patched = []
+    try:
+        import transformers
+        from transformers.image_processing_base import ImageProcessingMixin
+
+        targets = [(transformers.AutoTokenizer, "from_pretrained"), (ImageProcessingMixin, "from_pretrained")]
+    except ImportError:  # pragma: no cover - layout of another transformers version
+        targets = []
+    cache: dict[Any, Any] = {}
+
+    def memo(func):
+        def wrapper(cls, *a, **kw):
+            key = (cls, func, repr(a), repr(sorted(kw.items())))
+            if key not in cache:
+                cache[key] = func(cls, *a, **kw)
+            return cache[key]
+
+        return classmethod(wrapper)
+
+    for owner, name in targets:
+        orig = owner.__dict__.get(name)
+        if isinstance(orig, classmethod):
+            setattr(owner, name, memo(orig.__func__))
+            patched.append((owner, name, orig))
+    try:
+        yield bool(patched)
+    finally:
+        for owner, name, orig in patched:
+            setattr(owner, name, orig)

@@ -138,3 +138,15 @@ def test_real_recipe_builds_from_a_local_checkpoint(mllama_artifacts, images, tm
     assert json.loads(p.stdout)["generated_tokens"] >= 1
     p = run_cli("run", out, "--image", images[0], "--image", images[1], "--prompt", "Two?", check=2)
     assert "at most 1" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_run_without_torch_or_transformers(mllama_artifacts, images, tmp_path):
+    block = tmp_path / "block"
+    for mod in ("torch", "transformers"):
+        (block / mod).mkdir(parents=True)
+        (block / mod / "__init__.py").write_text(f"raise ImportError('{mod} is blocked in this test')\n")
+    from conftest import REPO
+
+    p = run_cli("run", mllama_artifacts, "--image", images[2], "--prompt", "Describe.", "--max-new-tokens", "3", "--json",
+                env={"PYTHONPATH": f"{block}:{REPO}"})
+    assert json.loads(p.stdout)["calls"]["cross_kv"] == 1

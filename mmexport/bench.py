@@ -504,8 +504,6 @@ def _bench_eager(m, images, prompt, new_tokens, repeat, warmup, model, log):
 
 def _eager_qwen2_vl(model, adapter, model_dir, messages, images, new_tokens) -> dict[str, Any]:
     """One request through transformers' Qwen2-VL, stage by stage, greedy, EOS ignored."""
-    import torch
-
     merger_s = [0.0, 0.0]  # [start, accumulated]
 
     def pre(_mod, _inp):
@@ -530,21 +528,34 @@ def _eager_qwen2_vl(model, adapter, model_dir, messages, images, new_tokens) -> 
                     use_cache=True, logits_to_keep=1, **kw)
         logits = out.logits[0, -1]
         t3 = time.perf_counter()
-        cache = out.past_key_values
-        tokens: list[int] = []
-        while True:
-            tok = int(torch.argmax(logits))
-            tokens.append(tok)
-            if len(tokens) == new_tokens:
-                break
-            out = model(input_ids=torch.tensor([[tok]], dtype=torch.long), past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            logits = out.logits[0, -1]
+        tokens = _eager_decode(model, logits, out.past_key_values, new_tokens)
         t4 = time.perf_counter()
     finally:
         for h in hooks:
             h.remove()
-    proj = merger_s[1]
+    return _eager_stages((t0, t1, t2, t3, t4), merger_s[1], tokens, inputs,
+                         "vision excludes the merger, which is timed as projector (forward hooks)")
+
+
+def _eager_decode(model, logits, cache, new_tokens: int, **step_kw) -> list[int]:
+    """Greedy decode with transformers' KV cache, one token per forward, EOS ignored."""
+    import torch
+
+    tokens: list[int] = []
+    while True:
+        tok = int(torch.argmax(logits))
+        tokens.append(tok)
+        if len(tokens) == new_tokens:
+            return tokens
+        out = model(input_ids=torch.tensor([[tok]], dtype=torch.long), past_key_values=cache, use_cache=True, logits_to_keep=1, **step_kw)
+        cache = out.past_key_values
+        logits = out.logits[0, -1]
+
+
+def _eager_stages(t: tuple[float, ...], proj: float, tokens: list[int], inputs, note: str) -> dict[str, Any]:
+    """The eager side's stage times from its clock readings (start, preprocessed, vision done, first
+    token, last token) and the projector's share of the vision time."""
+    t0, t1, t2, t3, t4 = t
     decode = t4 - t3
     return {
         "preprocess": (t1 - t0) * 1e3,
@@ -557,15 +568,13 @@ def _eager_qwen2_vl(model, adapter, model_dir, messages, images, new_tokens) -> 
         "tok_s": (len(tokens) - 1) / decode if len(tokens) > 1 and decode > 0 else 0.0,
         "tokens": tokens,
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
-        "notes": ["vision excludes the merger, which is timed as projector (forward hooks)"],
+        "notes": [note],
     }
 
 
 def _eager_mllama(model, adapter, model_dir, messages, images, new_tokens) -> dict[str, Any]:
     """One request through transformers' mllama, stage by stage, greedy, EOS ignored. transformers
     projects the cross-attention keys/values inside its first forward, so they count as prefill here."""
-    import torch
-
     t0 = time.perf_counter()
     inputs = adapter.reference_inputs(model, model_dir, messages, images)
     t1 = time.perf_counter()
@@ -581,33 +590,11 @@ def _eager_mllama(model, adapter, model_dir, messages, images, new_tokens) -> di
     out = model(input_ids=inputs["input_ids"], cross_attention_states=states, cross_attention_mask=mask, use_cache=True, logits_to_keep=1)
     logits = out.logits[0, -1]
     t3 = time.perf_counter()
-    cache = out.past_key_values
-    step_mask = mask[:, -1:] if mask is not None else None
-    tokens: list[int] = []
-    while True:
-        tok = int(torch.argmax(logits))
-        tokens.append(tok)
-        if len(tokens) == new_tokens:
-            break
-        out = model(input_ids=torch.tensor([[tok]], dtype=torch.long), cross_attention_mask=step_mask, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        logits = out.logits[0, -1]
+    step_mask = mask[:, -1:] if mask is not None else None  # a generated token sees what the last prompt token sees
+    tokens = _eager_decode(model, logits, out.past_key_values, new_tokens, cross_attention_mask=step_mask)
     t4 = time.perf_counter()
-    decode = t4 - t3
-    return {
-        "preprocess": (t1 - t0) * 1e3,
-        "vision": (t2 - t1 - proj) * 1e3,
-        "projector": proj * 1e3,
-        "prefill": (t3 - t2) * 1e3,
-        "ttft": (t3 - t0) * 1e3,
-        "decode": decode * 1e3,
-        "total": (t4 - t0) * 1e3,
-        "tok_s": (len(tokens) - 1) / decode if len(tokens) > 1 and decode > 0 else 0.0,
-        "tokens": tokens,
-        "prompt_tokens": int(inputs["input_ids"].shape[1]),
-        "notes": ["cross-attention keys/values are projected inside prefill (transformers caches them in its first forward)"],
-    }
+    return _eager_stages((t0, t1, t2, t3, t4), proj, tokens, inputs,
+                         "cross-attention keys/values are projected inside prefill (transformers caches them in its first forward)")
 
 
 _EAGER: dict[str, Callable[..., dict[str, Any]]] = {"qwen2_vl": _eager_qwen2_vl, "mllama": _eager_mllama}

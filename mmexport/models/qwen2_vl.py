@@ -158,6 +158,19 @@ def _wrappers():
 
 
 # ---------------------------------------------------------------------------------------------
+def _example_grid(dim_name: str, merge: int, specs) -> tuple[int, int]:
+    """A non-square patch grid (both sides multiples of `merge`) whose patch count lies in the vision
+    encoder's declared num_patches range, as close to 6x10 as that range allows (a traced size inside the
+    range, so torch.export accepts the dynamic dim)."""
+    dim = specs["vision_encoder"].dims[dim_name]
+    grids = [(h, w) for h in range(merge, 8 * merge * merge + 1, merge) for w in range(h + merge, 8 * merge * merge + 1, merge)]
+    ok = [(abs(h * w - 60) + abs(h - 6), h, w) for h, w in grids if dim.min <= h * w <= dim.max and h * w != dim.opt]
+    if not ok:
+        raise ValueError(f"no example image grid fits {dim_name} in [{dim.min}, {dim.max}]")
+    _, h, w = min(ok)
+    return h, w
+
+
 # host-side helpers shared by export examples and verify (numpy; mirror the runtime)
 # ---------------------------------------------------------------------------------------------
 def vision_rotary(grid_h: int, grid_w: int, merge: int, head_dim: int, theta: float):
@@ -314,8 +327,9 @@ class Qwen2VLAdapter(FamilyAdapter):
         vc = model.config.vision_config
         specs = {c.name: c for c in self.specs(model, recipe, model_dir)}
         g = torch.Generator().manual_seed(1234)
-        # example shapes: an image of 6x10 patches (15 tokens), a 7-token step with 5 past tokens
-        gh, gw = 6, 10
+        # example shapes: an image of about 6x10 patches (15 tokens) that the recipe's pixel range allows,
+        # a 7-token step with 5 past tokens
+        gh, gw = _example_grid(specs["vision_encoder"].inputs[0].shape[0], s["merge"], specs)
         n = gh * gw
         cos, sin = vision_rotary(gh, gw, s["merge"], s["v_head_dim"], _vision_theta(vc))
         seq, past, ctx = 7, 5, recipe.limits.max_context

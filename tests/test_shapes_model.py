@@ -15,7 +15,7 @@ import pytest
 
 from mmexport.tasks import shapes
 
-from .conftest import REPO, run_cli
+from conftest import REPO, run_cli
 
 CHECKPOINT = REPO / "checkpoints" / "qwen2-vl-shapes"
 EXAMPLE = REPO / "examples" / "shapes.png"

@@ -87,47 +87,13 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # checkpoint pieces
 # ------------------------------------------------------------------------------------------------
-def build_model_and_processors(seed: int, init_std: float | None = None):
-    """A freshly initialized model, its tokenizer, image processor and generation config."""
-    import torch
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def build_model_and_processors(seed: int):
+    """A freshly initialized model (transformers' own init, eager attention), its tokenizer and image
+    processor: mmexport's synthetic Qwen2-VL checkpoint pieces, at this script's sizes."""
+    from mmexport.models.qwen2_vl import Qwen2VLAdapter
 
-    from mmexport.models.qwen2_vl import CHAT_TEMPLATE, SPECIAL_TOKENS
-    from mmexport.models.synthetic import train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(SPECIAL_TOKENS, TOKENIZER_VOCAB)
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    vocab = -(-tok.get_vocab_size() // 64) * 64
-    text = dict(TEXT_CONFIG, vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=dict(VISION_CONFIG),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    config.text_config.tie_word_embeddings = True
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration._from_config(config, attn_implementation="eager", dtype=torch.float32)
-    if init_std is not None:  # matrices (linear, conv, embedding) from N(0, init_std) instead of HF's 0.02
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, init_std)
-
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    image_processor = Qwen2VLImageProcessorPil(**PREPROCESSOR)
-    gen = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        do_sample=False,
-    )
-    model.generation_config = gen
+    syn = dict(seed=seed, tokenizer_vocab_size=TOKENIZER_VOCAB, init_std=0, text_config=TEXT_CONFIG, vision_config=VISION_CONFIG, preprocessor=PREPROCESSOR)
+    model, tokenizer, image_processor, _ = Qwen2VLAdapter.synthetic_parts(syn, attn_implementation="eager")
     return model, tokenizer, image_processor
 
 
@@ -242,26 +208,31 @@ class Encoder:
         }
 
 
-def training_loss(model, batch):
-    """Mean cross-entropy over the labelled tokens, and the merged image features (for the token head).
-
-    The same computation as `model(**inputs, labels=...)` (vision tower, image features scattered into
-    the <|image_pad|> embeddings, M-RoPE positions from get_rope_index, the decoder, lm_head), except
-    that each image goes through the vision tower once however many sequences ask about it, and lm_head
-    runs only where a label is.
-    """
+def forward(model, batch):
+    """Hidden states [B, S, H] of the decoder for a `training_batch`, and the merged image features (one
+    tensor per image). The same computation as `model(**inputs)` (vision tower, image features scattered
+    into the <|image_pad|> embeddings, M-RoPE positions from get_rope_index, the decoder), except that
+    each image goes through the vision tower once however many sequences ask about it."""
     import torch
 
     m = model.model
     feats = m.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output  # one per image
-    idx = batch["image_index"].tolist()
     ids = batch["input_ids"]
     embeds = m.get_input_embeddings()(ids)
-    image_embeds = torch.cat([feats[i] for i in idx], dim=0)
+    image_embeds = torch.cat([feats[i] for i in batch["image_index"].tolist()], dim=0)
     embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), image_embeds.to(embeds.dtype))
     grid = batch["image_grid_thw"][batch["image_index"]]
     pos, _ = m.get_rope_index(ids, batch["mm_token_type_ids"], image_grid_thw=grid, attention_mask=batch["attention_mask"])
     h = m.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=batch["attention_mask"]).last_hidden_state
+    return h, feats
+
+
+def training_loss(model, batch):
+    """Mean cross-entropy over the labelled tokens (lm_head only where a label is), and the merged image
+    features (for the token head)."""
+    import torch
+
+    h, feats = forward(model, batch)
     labels = batch["labels"][:, 1:]
     sel = labels != -100
     logits = model.lm_head(h[:, :-1][sel])
@@ -279,13 +250,7 @@ def teacher_forced(model, encoder: Encoder, exs, batch_size: int = 50) -> dict:
         for k in range(0, len(exs), batch_size):
             chunk = exs[k : k + batch_size]
             b = encoder.training_batch([e.image for e in chunk], [(i, e.question, e.answer) for i, e in enumerate(chunk)])
-            m = model.model
-            feats = m.get_image_features(b["pixel_values"], b["image_grid_thw"]).pooler_output
-            ids = b["input_ids"]
-            emb = m.get_input_embeddings()(ids).masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), torch.cat(list(feats)))
-            pos, _ = m.get_rope_index(ids, b["mm_token_type_ids"], image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"])
-            h = m.language_model(inputs_embeds=emb, position_ids=pos, attention_mask=b["attention_mask"]).last_hidden_state
-            pred = model.lm_head(h[:, :-1]).argmax(-1)
+            pred = model.lm_head(forward(model, b)[0][:, :-1]).argmax(-1)
             lab = b["labels"][:, 1:]
             ok = ((pred == lab) | (lab == -100)).all(dim=1)
             for e, o in zip(chunk, ok.tolist()):
@@ -458,7 +423,7 @@ def train(args) -> None:
     import torch
 
     t0 = time.time()
-    model, tokenizer, image_processor = build_model_and_processors(args.seed, args.init_std)
+    model, tokenizer, image_processor = build_model_and_processors(args.seed)
     enc = Encoder(model, tokenizer, image_processor)
     n_params = sum(p.numel() for p in model.parameters())
     log(
@@ -514,22 +479,9 @@ def train(args) -> None:
         batch["token_labels"] = targets.batch_labels(exs, batch["image_grid_thw"])
         return batch
 
-    if args.qk_init_std:  # the decoder's query/key projections start larger: attention leaves uniform sooner
-        with torch.no_grad():
-            for n, p in model.model.language_model.named_parameters():
-                if n.endswith(("q_proj.weight", "k_proj.weight")):
-                    p.normal_(0.0, args.qk_init_std)
-    groups = []
-    for vision in (True, False):
-        for wd in (True, False):
-            ps = [
-                p
-                for n, p in model.named_parameters()
-                if ("visual" in n) == vision and (p.dim() >= 2 and "embed" not in n) == wd
-            ]
-            mult = args.vision_lr_mult if vision else 1.0
-            groups.append({"params": ps, "weight_decay": args.weight_decay if wd else 0.0, "lr_mult": mult})
-    groups.append({"params": list(targets.head.parameters()), "weight_decay": 0.0, "lr_mult": 1.0})
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]  # matrices but embeddings
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay + list(targets.head.parameters()), "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
     warmup = max(1, int(0.04 * args.steps))
 
@@ -546,7 +498,7 @@ def train(args) -> None:
         batch = next_batch()
         t_data += time.time() - td
         for g in opt.param_groups:
-            g["lr"] = lr_at(step) * g["lr_mult"]
+            g["lr"] = lr_at(step)
         lm_loss, feats = training_loss(model, batch)
         loss = lm_loss
         if args.token_loss_weight:
@@ -601,15 +553,12 @@ def main(argv=None) -> None:
     ap.add_argument("--images-per-step", type=int, default=16)
     ap.add_argument("--questions-per-image", type=int, default=4, help="sequences per image per step (its own question + others)")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--init-std", type=float, default=None, help="std of the initial weight matrices (default: HF's 0.02)")
     ap.add_argument("--kind-steps", type=int, default=400, help="stage 1a: vision tower steps on single-shape kinds")
     ap.add_argument("--vision-steps", type=int, default=600, help="stage 1b: vision tower steps with the token head")
     ap.add_argument("--vision-cache", type=Path, default=None, help="development: save stage 1 here, or load it if the file exists")
     ap.add_argument("--vision-batch", type=int, default=32)
     ap.add_argument("--vision-lr", type=float, default=1e-3)
     ap.add_argument("--token-loss-weight", type=float, default=0.3, help="stage 2 keeps the token head's loss at this weight")
-    ap.add_argument("--qk-init-std", type=float, default=0.0)
-    ap.add_argument("--vision-lr-mult", type=float, default=1.0)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--eval-only", action="store_true", help="load --out and report held-out accuracy")

@@ -158,15 +158,15 @@ def _wrappers():
 
 
 # ---------------------------------------------------------------------------------------------
-def _example_grid(dim_name: str, merge: int, specs) -> tuple[int, int]:
-    """A non-square patch grid (both sides multiples of `merge`) whose patch count lies in the vision
-    encoder's declared num_patches range, as close to 6x10 as that range allows (a traced size inside the
-    range, so torch.export accepts the dynamic dim)."""
-    dim = specs["vision_encoder"].dims[dim_name]
-    grids = [(h, w) for h in range(merge, 8 * merge * merge + 1, merge) for w in range(h + merge, 8 * merge * merge + 1, merge)]
-    ok = [(abs(h * w - 60) + abs(h - 6), h, w) for h, w in grids if dim.min <= h * w <= dim.max and h * w != dim.opt]
+def _example_grid(patches: Dim, merge: int) -> tuple[int, int]:
+    """A non-square patch grid (sides multiples of `merge`) with a patch count inside the declared
+    num_patches range (torch.export rejects a traced size outside it) and off its opt value, as close
+    to 6x10 as that range allows."""
+    sides = range(merge, patches.max // merge + 1, merge)
+    ok = [(abs(h * w - 60) + abs(h - 6), h, w) for h in sides for w in sides
+          if h < w and patches.min <= h * w <= patches.max and h * w != patches.opt]
     if not ok:
-        raise ValueError(f"no example image grid fits {dim_name} in [{dim.min}, {dim.max}]")
+        raise ValueError(f"no example image grid fits num_patches in [{patches.min}, {patches.max}]")
     _, h, w = min(ok)
     return h, w
 
@@ -186,11 +186,19 @@ class Qwen2VLAdapter(FamilyAdapter):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def make_synthetic(self, recipe: Recipe, out_dir: Path) -> None:
+        for part in self.synthetic_parts(recipe.synthetic or {}):
+            part.save_pretrained(out_dir)
+
+    @staticmethod
+    def synthetic_parts(syn: dict[str, Any], attn_implementation: str | None = None):
+        """A fresh checkpoint from a `[source.synthetic]` table: (model, tokenizer, image processor,
+        generation config) — the in-repo BPE tokenizer with Qwen2-VL's special tokens and chat template.
+        `init_std` (default 0.08) redraws every weight matrix from N(0, init_std); 0 keeps transformers'
+        own initialization (scripts/train_shapes.py starts training from it)."""
         torch = _torch()
         from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        syn = recipe.synthetic or {}
         tok = train_bpe_tokenizer(SPECIAL_TOKENS, int(syn.get("tokenizer_vocab_size", 1024)))
         ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
         text = dict(syn["text_config"])
@@ -210,27 +218,26 @@ class Qwen2VLAdapter(FamilyAdapter):
         )
         config.text_config.tie_word_embeddings = tie
         torch.manual_seed(int(syn.get("seed", 0)))
-        model = Qwen2VLForConditionalGeneration(config).eval()
-        # A wider init than HF's 0.02 so random logits are well separated: greedy parity between
-        # PyTorch and ONNX Runtime must not hinge on near-ties of an untrained model.
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(int(syn.get("seed", 0)))
-            for name, p in model.named_parameters():
-                if p.dim() >= 2:
-                    p.copy_(torch.randn(p.shape, generator=gen) * float(syn.get("init_std", 0.08)))
-        model.save_pretrained(out_dir)
-
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-        tokenizer.chat_template = CHAT_TEMPLATE
-        tokenizer.save_pretrained(out_dir)
-        pre = dict(syn.get("preprocessor", {}))
-        Qwen2VLImageProcessorPil(**pre).save_pretrained(out_dir)
-        GenerationConfig(
+        model = Qwen2VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32).eval()
+        init_std = float(syn.get("init_std", 0.08))
+        if init_std:
+            # A wider init than HF's 0.02 so random logits are well separated: greedy parity between
+            # PyTorch and ONNX Runtime must not hinge on near-ties of an untrained model.
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(int(syn.get("seed", 0)))
+                for name, p in model.named_parameters():
+                    if p.dim() >= 2:
+                        p.copy_(torch.randn(p.shape, generator=gen) * init_std)
+        generation = GenerationConfig(
             bos_token_id=ids["<|endoftext|>"],
             pad_token_id=ids["<|endoftext|>"],
             eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
             do_sample=False,
-        ).save_pretrained(out_dir)
+        )
+        model.generation_config = generation
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        tokenizer.chat_template = CHAT_TEMPLATE
+        return model, tokenizer, Qwen2VLImageProcessorPil(**dict(syn.get("preprocessor", {}))), generation
 
     def load(self, model_dir: Path):
         self.check_checkpoint(model_dir)
@@ -329,7 +336,7 @@ class Qwen2VLAdapter(FamilyAdapter):
         g = torch.Generator().manual_seed(1234)
         # example shapes: an image of about 6x10 patches (15 tokens) that the recipe's pixel range allows,
         # a 7-token step with 5 past tokens
-        gh, gw = _example_grid(specs["vision_encoder"].inputs[0].shape[0], s["merge"], specs)
+        gh, gw = _example_grid(specs["vision_encoder"].dims["num_patches"], s["merge"])
         n = gh * gw
         cos, sin = vision_rotary(gh, gw, s["merge"], s["v_head_dim"], _vision_theta(vc))
         seq, past, ctx = 7, 5, recipe.limits.max_context

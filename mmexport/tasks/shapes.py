@@ -21,7 +21,7 @@ Questions (QUESTIONS) and answers
 
     The task the trained checkpoint is judged on is KINDS = shape, count, colour. "position" (in
     ALL_KINDS) asks the model to find a shape by its name among two and is not part of it yet: the tiny
-    model trained on this CPU in minutes does not learn that lookup (measured: chance after 1500 steps,
+    model trained on this CPU in minutes does not learn that lookup (measured: chance after 1000 steps,
     see scripts/train_shapes.py). `make_example(rng, "position")` and `stream(seed, ALL_KINDS)` still
     make such examples.
 

@@ -613,12 +613,13 @@ def test_trt_runtime_imports_without_tensorrt_or_cuda():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def _decoder_shapes(seq: int) -> dict[str, tuple[int, ...]]:
-    # the tiny decoder: static KV cache of the recipe's context (512), 2 layers, 2 KV heads, head_dim 24
-    shapes = {"inputs_embeds": (1, seq, 96), "position_ids": (3, 1, seq), "cache_mask": (1, 512)}
+def _decoder_shapes(seq: int, cache_len: int = 512) -> dict[str, tuple[int, ...]]:
+    # the tiny decoder: static KV cache of the recipe's context (512), 2 layers, 2 KV heads, head_dim 24;
+    # the runtime feeds the whole cache, or zero-length views of it while it is empty
+    shapes = {"inputs_embeds": (1, seq, 96), "position_ids": (3, 1, seq), "cache_mask": (1, cache_len)}
     for i in range(2):
         for kind in ("key", "value"):
-            shapes[f"cache_{kind}_{i}"] = (1, 2, 512, 24)
+            shapes[f"cache_{kind}_{i}"] = (1, 2, cache_len, 24)
     return shapes
 
 
@@ -630,10 +631,14 @@ def test_select_profile_prefill_vs_decode(built_engines):
     table = profile_table_from_metadata(comp)
     assert [list(p) for p in table][0][0] == "inputs_embeds" and len(table) == 2
     prefill, decode = comp["profile_names"].index("prefill"), comp["profile_names"].index("decode")
-    assert select_profile(table, _decoder_shapes(7)) == prefill  # a prompt
+    assert select_profile(table, _decoder_shapes(7, 0)) == prefill  # a request's prompt: the cache is empty
+    assert select_profile(table, _decoder_shapes(1, 0)) == prefill  # a one-token prompt
+    assert select_profile(table, _decoder_shapes(7)) == prefill  # a prompt after cached tokens
     assert select_profile(table, _decoder_shapes(1)) == decode  # one token: fits both, the narrower profile wins
     with pytest.raises(UserError, match="no optimization profile"):
         select_profile(table, _decoder_shapes(600))
+    with pytest.raises(UserError, match="no optimization profile"):
+        select_profile(table, _decoder_shapes(1, 513))  # more cache than the context
     # One-profile components: the only profile (or none at all).
     proj = resolve_engine(art, "projector", "tensorrt-rtx", None).component_meta
     assert select_profile(profile_table_from_metadata(proj), {"vision_hidden": (64, 64)}) == 0

@@ -85,10 +85,10 @@ def decoder_feed(quantized):
             feed[i.name] = emb
         elif i.name == "position_ids":
             feed[i.name] = np.broadcast_to(np.arange(s), (3, 1, s)).astype(np.int64).copy()
-        elif i.type == "tensor(int64)":  # attention mask over past + new (all new: ones) or cache-slot mask (empty: zeros)
-            shape = [1 if d == "batch" else (s if isinstance(d, str) or d is None else d) for d in i.shape]
+        elif i.type == "tensor(int64)":  # attention mask over past + new (all new: ones) or the empty cache's slot mask
+            shape = [1 if d == "batch" else 0 if d == "cache_len" else (s if isinstance(d, str) or d is None else d) for d in i.shape]
             feed[i.name] = (np.zeros if "cache" in i.name else np.ones)(shape, np.int64)
-        else:  # the KV cache: empty past (length 0) or a preallocated, empty static cache
+        else:  # the KV cache: empty past (length 0), as the runtime feeds an empty static cache
             shape = [1 if d == "batch" else (0 if isinstance(d, str) or d is None else d) for d in i.shape]
             feed[i.name] = np.zeros(shape, np.float32)
     return ids, feed

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import UserError
 from ..runtime.manifest import sha256_file
 from ..recipes import Recipe
-from ..spec import ComponentSpec
+from ..spec import ComponentSpec, Dim, TensorSpec
 from .synthetic import synthetic_dir
 
 
@@ -31,6 +31,53 @@ class ExportComponent:
     spec: ComponentSpec
     module: Any  # torch.nn.Module
     example: dict[str, Any]  # name -> torch.Tensor
+
+
+@dataclass
+class StaticKVCache:
+    """The decoder's static KV cache, declared once for every family that uses torch_ops.attend_with_cache.
+
+    The runtime preallocates `cache_key_i/cache_value_i [batch, kv_heads, capacity, head_dim]` and
+    `cache_mask [batch, capacity]` once (capacity = the recipe's context) and writes each step's new
+    keys/values in place. The graph's cache axis `cache_len` takes two sizes: the whole buffer
+    (`capacity`: decode, and any prefill after cached tokens; a fixed shape, as TensorRT and CUDA graphs
+    like) or 0 (the first prefill of a request, when the cache is empty: the runtime passes zero-length
+    views, so the prompt attends only to itself instead of to `capacity` masked slots). Each is a
+    TensorRT optimization profile.
+    """
+
+    layers: list[int]  # layer indices that have a self-attention cache
+    kv_heads: int
+    head_dim: int
+    capacity: int
+    dtype: str = "float32"
+
+    def inputs(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """(cache_mask, then the cache buffers) as two lists: families place other inputs between them."""
+        mask = [TensorSpec("cache_mask", "int64", ("batch", "cache_len"), "1 = cache slot filled")]
+        cache = [
+            TensorSpec(f"cache_{kind}_{i}", self.dtype, ("batch", self.kv_heads, "cache_len", self.head_dim),
+                       "preallocated at the context's capacity, updated in place by the runtime; 0 slots = empty")
+            for i in self.layers for kind in ("key", "value")
+        ]
+        return mask, cache
+
+    def outputs(self) -> list[TensorSpec]:
+        return [
+            TensorSpec(f"{kind}_{i}", self.dtype, ("batch", self.kv_heads, "seq_len", self.head_dim), "this step's keys/values")
+            for i in self.layers for kind in ("key", "value")
+        ]
+
+    def dims(self) -> dict[str, Dim]:
+        return {"cache_len": Dim("cache_len", 0, self.capacity, self.capacity)}
+
+    def profiles(self) -> dict[str, dict[str, Dim]]:
+        """The decoder's TensorRT profiles: prefill (any prompt length, empty or full cache), decode (static)."""
+        ctx = self.capacity
+        return {
+            "prefill": {"seq_len": Dim("seq_len", 1, min(256, ctx), ctx), "cache_len": Dim("cache_len", 0, 0, ctx)},
+            "decode": {"seq_len": Dim("seq_len", 1, 1, 1), "cache_len": Dim("cache_len", ctx, ctx, ctx)},
+        }
 
 
 class FamilyAdapter:

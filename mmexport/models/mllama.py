@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..recipes import Recipe
 from ..spec import ComponentSpec, Dim, TensorSpec
 from . import register
-from .base import ExportComponent, FamilyAdapter
+from .base import ExportComponent, FamilyAdapter, StaticKVCache
 from .synthetic import LLAMA3_SPLIT, train_bpe_tokenizer
 
 CHAT_TEMPLATE_FILE = Path(__file__).resolve().parent.parent / "data" / "mllama_chat_template.jinja"
@@ -151,7 +151,7 @@ def _wrappers():
     class Decoder(nn.Module):
         """Llama text model with interleaved cross-attention layers over precomputed cross K/V.
 
-        Inputs: inputs_embeds [B, S, H], position_ids [B, S], cache_mask [B, capacity],
+        Inputs: inputs_embeds [B, S, H], position_ids [B, S], cache_mask [B, cache_len],
         cross_attention_mask [B, S, tiles] (1 = this token attends that tile), has_image [B], then
         cache_key_i/cache_value_i for every self-attention layer i and cross_key_j/cross_value_j for every
         cross-attention layer j. Outputs: last-position logits and the new tokens' self-attention K/V.
@@ -304,11 +304,9 @@ class MllamaAdapter(FamilyAdapter):
         batch = Dim("batch", 1, 1, 1)
         seq = Dim("seq_len", 1, min(64, ctx), ctx)
         tiles = Dim("cross_tiles", 1, T, recipe.limits.max_images * T)
-        cache_in, new_out, cross_in, cross_out = [], [], [], []
-        for i in s["self_layers"]:
-            for kind in ("key", "value"):
-                cache_in.append(TensorSpec(f"cache_{kind}_{i}", f, ("batch", kv, ctx, D), "preallocated, updated in place by the runtime"))
-                new_out.append(TensorSpec(f"{kind}_{i}", f, ("batch", kv, "seq_len", D), "this step's keys/values"))
+        cache = StaticKVCache(list(s["self_layers"]), kv, D, ctx)
+        mask_in, cache_in = cache.inputs()
+        cross_in, cross_out = [], []
         for j in s["cross"]:
             for kind in ("key", "value"):
                 cross_in.append(TensorSpec(f"cross_{kind}_{j}", f, ("batch", kv, "cross_tiles", P, D), "from cross_kv, fixed for the request"))
@@ -348,18 +346,15 @@ class MllamaAdapter(FamilyAdapter):
                 inputs=(
                     TensorSpec("inputs_embeds", f, ("batch", "seq_len", s["hidden"])),
                     TensorSpec("position_ids", "int64", ("batch", "seq_len")),
-                    TensorSpec("cache_mask", "int64", ("batch", ctx), "1 = cache slot filled"),
+                    *mask_in,
                     TensorSpec("cross_attention_mask", "int64", ("batch", "seq_len", "cross_tiles"), "1 = token attends tile"),
                     TensorSpec("has_image", "int64", ("batch",), "0 = text-only: cross-attention layers are skipped"),
                     *cache_in,
                     *cross_in,
                 ),
-                outputs=(TensorSpec("logits", f, ("batch", 1, s["vocab"]), "last position only"), *new_out),
-                dims={"batch": batch, "seq_len": seq, "cross_tiles": tiles},
-                profiles={
-                    "prefill": {"seq_len": Dim("seq_len", 1, min(256, ctx), ctx)},
-                    "decode": {"seq_len": Dim("seq_len", 1, 1, 1)},
-                },
+                outputs=(TensorSpec("logits", f, ("batch", 1, s["vocab"]), "last position only"), *cache.outputs()),
+                dims={"batch": batch, "seq_len": seq, "cross_tiles": tiles, **cache.dims()},
+                profiles=cache.profiles(),
                 doc="Llama decoder: self-attention over a static KV cache, cross-attention over cross_kv's K/V",
             ),
         ]

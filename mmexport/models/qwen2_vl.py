@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..recipes import Recipe
 from ..spec import ComponentSpec, Dim, TensorSpec
 from . import register
-from .base import ExportComponent, FamilyAdapter
+from .base import ExportComponent, FamilyAdapter, StaticKVCache
 from .synthetic import train_bpe_tokenizer
 
 SPECIAL_TOKENS = [
@@ -121,8 +121,9 @@ def _wrappers():
     class Decoder(nn.Module):
         """Qwen2 decoder with M-RoPE over a static, preallocated KV cache; last-position logits only.
 
-        The cache (`cache_key_i/cache_value_i [B, kv_heads, capacity, head_dim]`) is an input the runtime
-        owns and never copies: `cache_mask [B, capacity]` marks its filled slots. The graph returns only
+        The cache (`cache_key_i/cache_value_i [B, kv_heads, cache_len, head_dim]`: the whole preallocated
+        buffer, or zero slots while it is empty) is an input the runtime owns and never copies:
+        `cache_mask [B, cache_len]` marks its filled slots. The graph returns only
         the new tokens' keys/values (`key_i/value_i [B, kv_heads, seq_len, head_dim]`), which the runtime
         writes into the cache in place. Attention runs over [cache | new] without concatenating the
         cache: scores against both are joined (small), softmax in fp32, then split again.
@@ -278,12 +279,8 @@ class Qwen2VLAdapter(FamilyAdapter):
         batch = Dim("batch", 1, 1, 1)
         seq = Dim("seq_len", 1, min(64, ctx), ctx)
         f = "float32"
-        cache_shape = ("batch", s["kv_heads"], ctx, s["head_dim"])  # static: the recipe's context
-        cache_in, new_out = [], []
-        for i in range(s["layers"]):
-            for kind in ("key", "value"):
-                cache_in.append(TensorSpec(f"cache_{kind}_{i}", f, cache_shape, "preallocated, updated in place by the runtime"))
-                new_out.append(TensorSpec(f"{kind}_{i}", f, ("batch", s["kv_heads"], "seq_len", s["head_dim"]), "this step's keys/values"))
+        kv = StaticKVCache(list(range(s["layers"])), s["kv_heads"], s["head_dim"], ctx)
+        mask_in, cache_in = kv.inputs()
         return [
             ComponentSpec(
                 "vision_encoder",
@@ -314,15 +311,12 @@ class Qwen2VLAdapter(FamilyAdapter):
                 inputs=(
                     TensorSpec("inputs_embeds", f, ("batch", "seq_len", s["hidden"])),
                     TensorSpec("position_ids", "int64", (3, "batch", "seq_len"), "M-RoPE t/h/w positions"),
-                    TensorSpec("cache_mask", "int64", ("batch", ctx), "1 = cache slot filled"),
+                    *mask_in,
                     *cache_in,
                 ),
-                outputs=(TensorSpec("logits", f, ("batch", 1, s["vocab"]), "last position only"), *new_out),
-                dims={"batch": batch, "seq_len": seq},
-                profiles={
-                    "prefill": {"seq_len": Dim("seq_len", 1, min(256, ctx), ctx)},
-                    "decode": {"seq_len": Dim("seq_len", 1, 1, 1)},
-                },
+                outputs=(TensorSpec("logits", f, ("batch", 1, s["vocab"]), "last position only"), *kv.outputs()),
+                dims={"batch": batch, "seq_len": seq, **kv.dims()},
+                profiles=kv.profiles(),
                 doc="Qwen2 decoder with M-RoPE over a static KV cache (capacity = context)",
             ),
         ]

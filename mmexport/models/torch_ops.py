@@ -1,16 +1,15 @@
 """Attention glue shared by the decoder wrappers of every family (imports torch: export side only).
 
-The static KV cache layout (see runtime/pipeline.py KVCache): the decoder reads the whole preallocated
-`[B, kv_heads, capacity, head_dim]` buffer, masked by `cache_mask [B, capacity]`, plus the new tokens'
-keys/values, and returns only the new ones. Scores against the cache and against the new tokens are
-joined (a small [.., S, capacity + S] tensor), soft-maxed in fp32 and split again, so the cache itself is
-never concatenated or copied inside the graph.
+The static KV cache layout (see base.StaticKVCache, runtime/pipeline.py KVCache): the decoder reads the
+whole preallocated `[B, kv_heads, capacity, head_dim]` buffer (or a zero-length view while it is empty),
+masked by `cache_mask [B, capacity]`, plus the new tokens' keys/values, and returns only the new ones.
+Scores against the cache and against the new tokens are joined (a small [.., S, capacity + S] tensor),
+soft-maxed in fp32 and split again, so the cache itself is never concatenated or copied inside the graph.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import repeat_kv
 
 NEG = torch.finfo(torch.float32).min
 
@@ -30,15 +29,18 @@ def cache_biases(cache_mask: torch.Tensor, seq: int) -> tuple[torch.Tensor, torc
 def attend_with_cache(q, k, v, cache_k, cache_v, cache_bias, new_bias, scaling: float, groups: int):
     """softmax([q·cache_kᵀ | q·kᵀ] + biases) · [cache_v | v] without concatenating the cache.
 
-    q [B, H, S, D]; k, v [B, kv, S, D]; cache_k, cache_v [B, kv, capacity, D] -> [B, S, H*D]."""
+    q [B, H, S, D]; k, v [B, kv, S, D]; cache_k, cache_v [B, kv, capacity, D] -> [B, S, H*D].
+    Grouped-query attention without repeating the keys/values per head: the `groups` query heads that
+    share a KV head are stacked along the rows ([B, kv, groups*S, D]), so the cache is read as it is
+    instead of being expanded (a copy of the whole cache per layer and step) to H heads."""
+    bsz, heads, seq, dim = q.shape
     capacity = cache_k.shape[2]
-    ck, cv = repeat_kv(cache_k, groups), repeat_kv(cache_v, groups)
-    kr, vr = repeat_kv(k, groups), repeat_kv(v, groups)
-    s_cache = torch.matmul(q, ck.transpose(2, 3)).float() * scaling + cache_bias
-    s_new = torch.matmul(q, kr.transpose(2, 3)).float() * scaling + new_bias
+    qg = q.reshape(bsz, heads // groups, groups * seq, dim)
+    s_cache = torch.matmul(qg, cache_k.transpose(2, 3)).float() * scaling + cache_bias
+    s_new = torch.matmul(qg, k.transpose(2, 3)).float() * scaling + new_bias.repeat(1, 1, groups, 1)
     w = torch.softmax(torch.cat([s_cache, s_new], dim=-1), dim=-1).to(q.dtype)
-    o = torch.matmul(w[..., :capacity], cv) + torch.matmul(w[..., capacity:], vr)
-    return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    o = torch.matmul(w[..., :capacity], cache_v) + torch.matmul(w[..., capacity:], v)  # [B, kv, groups*S, D]
+    return o.reshape(bsz, heads, seq, dim).transpose(1, 2).reshape(bsz, seq, heads * dim)
 
 
 class EmbedTokens(nn.Module):

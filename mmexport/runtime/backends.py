@@ -51,6 +51,11 @@ class Runner:
         self.deactivate()
 
 
+def ort_spinning() -> bool:
+    """Whether ONNX Runtime's thread pools may spin between runs (MMEXPORT_ORT_SPINNING=1; off by default)."""
+    return os.environ.get("MMEXPORT_ORT_SPINNING", "0") not in ("", "0")
+
+
 class OrtRunner(Runner):
     """An ONNX Runtime session for one component."""
 
@@ -69,6 +74,14 @@ class OrtRunner(Runner):
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
+        # A pipeline holds one session per component, each with its own intra-op thread pool, and runs
+        # them one after another. With ORT's default, a finished session's workers keep spinning for a
+        # while and take the cores from the next session's run. Measured on qwen2-vl-small (2-core CPU):
+        # time to first token 4.4 s -> 3.2 s and decode 10.7 -> 12.5 tok/s with spinning off.
+        # MMEXPORT_ORT_SPINNING=1 turns it back on (one session alone on many cores may prefer it).
+        spin = "1" if ort_spinning() else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         providers = self.providers or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
         self._outputs = [o.name for o in self.session.get_outputs()]

@@ -70,22 +70,30 @@ class KVCache:
     Layout per layer: keys/values `[batch, kv_heads, capacity, head_dim]` plus one `cache_mask
     [batch, capacity]`. The decoder reads the whole buffer (masked) and returns only the new tokens'
     keys/values; `append` copies those S positions into the buffer. The past is never copied or
-    concatenated, and the buffers keep their addresses for the whole request.
+    concatenated, and the buffers keep their addresses for the whole request. While nothing is cached
+    (a request's first prefill) the decoder gets zero-length views instead, so the prompt does not
+    attend to `capacity` empty slots (the graph's `cache_len` axis is 0 or the capacity).
     """
 
     def __init__(self, decoder_spec, batch: int = 1):
         self.names = [t.name for t in decoder_spec.inputs if t.name.startswith("cache_") and t.name != "cache_mask"]
+        mask = decoder_spec.input("cache_mask")
+        # builds made before the cache_len axis existed declare the capacity as a fixed size: always fed whole
+        self.empty_views = mask.shape[1] == "cache_len"
+        self.capacity = int(decoder_spec.dims["cache_len"].max if self.empty_views else mask.shape[1])
+        sizes = {"batch": batch, "cache_len": self.capacity}
         self.arrays: dict[str, np.ndarray] = {}
         for t in decoder_spec.inputs:
             if t.name in self.names:
-                shape = tuple(batch if d == "batch" else d for d in t.shape)
-                self.arrays[t.name] = np.zeros(shape, dtype=t.dtype)
-        mask = decoder_spec.input("cache_mask")
-        self.capacity = int(mask.shape[1])
+                if t.shape[2] not in ("cache_len", self.capacity):
+                    raise ValueError(f"{t.name}: expected [batch, kv_heads, cache_len, head_dim], got {t.shape}")
+                self.arrays[t.name] = np.zeros(tuple(sizes.get(d, d) for d in t.shape), dtype=t.dtype)
         self.mask = np.zeros((batch, self.capacity), dtype=mask.dtype)
         self.length = 0
 
     def feeds(self) -> dict[str, np.ndarray]:
+        if self.length == 0 and self.empty_views:  # zero-length views of the same buffers (axis 2 = cache_len)
+            return {"cache_mask": self.mask[:, :0], **{n: a[:, :, :0] for n, a in self.arrays.items()}}
         return {"cache_mask": self.mask, **self.arrays}
 
     def append(self, outputs: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,97 @@
+"""The runtime's static KV cache, on real builds of both families (ONNX Runtime):
+
+- a request's first prefill gets zero-length views of the cache (the prompt attends only to itself), every
+  later step the whole preallocated buffer, always the same memory (never reallocated or copied);
+- the zero-length prefill gives the same logits and keys/values as feeding the whole empty buffer;
+- a prompt prefilled in two chunks (the second over the filled cache) gives the same first-token logits
+  as one prefill: the cache path reads what the runtime wrote.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _pipe_and_prompt(request, which: str):
+    from mmexport.runtime.pipeline import Pipeline
+
+    art = request.getfixturevalue(which)
+    images = request.getfixturevalue("images")
+    pipe = Pipeline(art)
+    prep = pipe.prepare("Describe the image.", [images[0]])
+    return pipe, prep
+
+
+def _record_feeds(pipe, monkeypatch) -> list[dict[str, np.ndarray]]:
+    seen: list[dict[str, np.ndarray]] = []
+    runner = pipe.runners["decoder"]
+    orig = runner._infer
+
+    def spy(feed):
+        seen.append(dict(feed))
+        return orig(feed)
+
+    monkeypatch.setattr(runner, "_infer", spy)
+    return seen
+
+
+@pytest.mark.parametrize("which", ["tiny_artifacts", "mllama_artifacts"])
+def test_first_prefill_gets_empty_views_then_the_same_buffer(request, which, monkeypatch):
+    pipe, _ = _pipe_and_prompt(request, which)
+    try:
+        seen = _record_feeds(pipe, monkeypatch)
+        res = pipe.generate("Describe the image.", [request.getfixturevalue("images")[0]], max_new_tokens=4, ignore_eos=True)
+        assert len(res.token_ids) == 4 and len(seen) == 4  # prefill + 3 steps
+        names = [n for n in seen[0] if n.startswith("cache_")]
+        capacity = pipe.specs["decoder"].dims["cache_len"].max
+        assert "cache_mask" in names and len(names) > 2
+        assert all(seen[0][n].shape[-1 if n == "cache_mask" else 2] == 0 for n in names)
+        for step in seen[1:]:
+            assert all(step[n].shape[-1 if n == "cache_mask" else 2] == capacity for n in names)
+            for n in names:  # the very same buffers each step, and the empty views were views of them
+                assert step[n].base is None and step[n] is seen[1][n] and seen[0][n].base is step[n]
+        # the buffer itself (fed by reference) now holds the prompt and the three decoded steps' keys/values
+        assert int(seen[-1]["cache_mask"].sum()) == res.prompt_tokens + 3
+    finally:
+        pipe.close()
+
+
+@pytest.mark.parametrize("which", ["tiny_artifacts", "mllama_artifacts"])
+def test_empty_view_prefill_equals_whole_empty_buffer(request, which):
+    from mmexport.runtime.pipeline import KVCache
+
+    pipe, prep = _pipe_and_prompt(request, which)
+    try:
+        state = pipe.encode_images(prep.images)
+        embeds = pipe.family.prompt_embeds(pipe, prep, state)
+        feeds = pipe.family.prefill_feeds(prep, state)
+        cache = KVCache(pipe.specs["decoder"])
+        views = pipe.runners["decoder"].infer({"inputs_embeds": embeds, **feeds, **cache.feeds()})
+        whole = pipe.runners["decoder"].infer({"inputs_embeds": embeds, **feeds, "cache_mask": cache.mask, **cache.arrays})
+        for name in views:
+            np.testing.assert_allclose(views[name], whole[name], atol=1e-5, rtol=0, err_msg=name)
+    finally:
+        pipe.close()
+
+
+def test_prefill_in_two_chunks_matches_one(request):
+    """Qwen2-VL: the prompt (with its image tokens) in one prefill, or split in two at a text position."""
+    from mmexport.runtime.pipeline import KVCache
+
+    pipe, prep = _pipe_and_prompt(request, "tiny_artifacts")
+    try:
+        state = pipe.encode_images(prep.images)
+        embeds = pipe.family.prompt_embeds(pipe, prep, state)
+        pos = pipe.family.prefill_feeds(prep, state)["position_ids"]
+        whole = pipe.decoder_step(embeds, {"position_ids": pos}, KVCache(pipe.specs["decoder"]))
+        cache = KVCache(pipe.specs["decoder"])
+        cut = embeds.shape[1] - 5
+        pipe.decoder_step(embeds[:, :cut], {"position_ids": np.ascontiguousarray(pos[..., :cut])}, cache)
+        assert cache.length == cut
+        split = pipe.decoder_step(np.ascontiguousarray(embeds[:, cut:]), {"position_ids": np.ascontiguousarray(pos[..., cut:])}, cache)
+        assert cache.length == embeds.shape[1]
+        assert np.abs(whole).max() > 0.1
+        np.testing.assert_allclose(split, whole, atol=1e-4, rtol=0)
+        assert int(np.argmax(split)) == int(np.argmax(whole))
+    finally:
+        pipe.close()

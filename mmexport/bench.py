@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
+from .runtime.backends import ort_spinning
 
 # every stage a family may time, in pipeline order; a side reports the ones it has (cross_kv: Method B)
 STAGES = ("preprocess", "vision", "projector", "cross_kv", "prefill", "ttft", "decode", "total")
@@ -336,6 +337,7 @@ def machine_info(with_torch: bool = False) -> dict[str, Any]:
     except ImportError:
         pass
     info["mmexport_threads"] = os.environ.get("MMEXPORT_THREADS") or "default"
+    info["ort_spinning"] = ort_spinning()
     if with_torch:
         import torch
 
@@ -368,11 +370,16 @@ def bench(
     backend: str = "ort",
     vs_pytorch: bool = False,
     model: str | None = None,
+    interleave: bool = True,
     log: Callable[[str], None] = print,
 ) -> BenchReport:
-    """Benchmark the build in `artifact_dir` (and, with `vs_pytorch`, transformers' eager model)."""
+    """Benchmark the build in `artifact_dir` (and, with `vs_pytorch`, transformers' eager model).
+
+    `interleave` (with `vs_pytorch`): both models stay loaded and the timed runs alternate, ours then
+    eager, so a machine whose speed drifts (shared or thermally limited CPUs) slows both sides alike;
+    each side's peak memory is then its RSS after its own loading and warm-up plus the largest rise
+    during its runs. Without it, each side is loaded, run and released in turn."""
     from .runtime.image import load_image
-    from .runtime.pipeline import Pipeline
 
     if new_tokens < 1:
         raise UserError(f"new_tokens must be at least 1, got {new_tokens}")
@@ -385,121 +392,227 @@ def bench(
     t_start = time.perf_counter()
     pil = load_image(image) if image is not None else default_image()
     image_desc = str(image) if image is not None else f"generated {pil.width}x{pil.height}"
-    images = [pil]
-
-    # -- ours -----------------------------------------------------------------------------------
-    if backend == "ort":  # the baseline includes the framework's libraries, as torch's for the eager side
-        import onnxruntime  # noqa: F401
-    gc.collect()
-    base = rss_bytes()
-    t0 = time.perf_counter()
-    pipe = Pipeline(artifact_dir, backend=backend)
-    try:
-        load_s = time.perf_counter() - t0
-        loaded = rss_bytes()
-        m = pipe.manifest
-        prep = pipe.prepare(prompt, images)
-        if new_tokens > pipe.max_context - len(prep.input_ids):
-            raise UserError(f"{len(prep.input_ids)} prompt tokens + {new_tokens} new tokens exceed this build's context of {pipe.max_context}")
-        log(f"bench {artifact_dir} ({m.data.get('precision')}, {backend}): {len(prep.input_ids)} prompt tokens, "
-            f"{new_tokens} new tokens, {warmup} warm-up + {repeat} timed run(s)")
-
-        def run_ours():
-            return pipe.generate(prompt, images, max_new_tokens=new_tokens, ignore_eos=True)
-
-        for _ in range(warmup):
-            run_ours()
-        runs, res = [], None
-        with RssMonitor() as mon:
-            for i in range(repeat):
-                res = run_ours()
-                runs.append({**{k: float(v) for k, v in res.timings_ms.items() if k in STAGES}, "tok_s": res.tokens_per_s})
-                log(f"  ours  run {i + 1}/{repeat}: ttft {res.timings_ms['ttft']:.0f} ms, decode {res.tokens_per_s:.1f} tok/s")
-        assert res is not None
-    finally:
-        pipe.close()
-    ours = SideResult(
-        name=f"exported ({backend})",
-        timings_ms=_collect(runs),
-        tokens_per_s=Stats([r["tok_s"] for r in runs]),
-        tokens_generated=len(res.token_ids),
-        prompt_tokens=res.prompt_tokens,
-        token_ids=list(res.token_ids),
-        memory=Memory(base / MB, loaded / MB, mon.peak / MB, mon.method),
-        load_s=load_s,
-        calls=dict(res.calls),
-        notes=["load includes the sha256 check of every artifact file",
-               "decode includes sampling and incremental detokenization, as `mmexport run`"],
-    )
-    if len(res.token_ids) != new_tokens:
-        ours.notes.append(f"generated {len(res.token_ids)} tokens, not {new_tokens} (stop reason: {res.stop_reason})")
-    del pipe, res
-    gc.collect()
-
-    report = BenchReport(
-        artifacts=str(artifact_dir), backend=backend, precision=m.data.get("precision", ""),
-        recipe=m.data.get("recipe", {}).get("name", ""), image=image_desc,
-        image_size=[pil.width, pil.height], prompt=prompt, new_tokens=new_tokens, repeat=repeat, warmup=warmup,
-        machine=machine_info(with_torch=vs_pytorch), ours=ours,
-    )
+    sides: list[_Side] = [_OursSide(artifact_dir, backend, [pil], prompt, new_tokens, log)]
     if vs_pytorch:
-        report.eager, report.reference = _bench_eager(m, images, prompt, new_tokens, repeat, warmup, model, log)
+        sides.append(_EagerSide(sides[0], [pil], prompt, new_tokens, model, log))
+    interleave = interleave and len(sides) > 1
+    try:
+        if interleave:
+            for side in sides:
+                side.load()
+                side.warm(warmup)
+            log(f"timed runs interleaved: {' / '.join(s.label for s in sides)}, {repeat} each")
+            for i in range(repeat):
+                for side in sides:
+                    side.timed_run(i, repeat)
+        for side in sides:
+            if not interleave:
+                side.load()
+                side.warm(warmup)
+                for i in range(repeat):
+                    side.timed_run(i, repeat)
+            side.close()
+    finally:
+        for side in sides:
+            side.close()
+    ours = sides[0]
+    report = BenchReport(
+        artifacts=str(artifact_dir), backend=backend, precision=ours.manifest.data.get("precision", ""),
+        recipe=ours.manifest.data.get("recipe", {}).get("name", ""), image=image_desc,
+        image_size=[pil.width, pil.height], prompt=prompt, new_tokens=new_tokens, repeat=repeat, warmup=warmup,
+        machine=machine_info(with_torch=vs_pytorch), ours=ours.result(interleave),
+    )
+    report.machine["interleaved"] = interleave
+    if vs_pytorch:
+        report.eager, report.reference = sides[1].result(interleave), sides[1].reference
     report.seconds = time.perf_counter() - t_start
     return report
 
 
-# ---------------------------------------------------------------------------------------------
-# PyTorch eager
-# ---------------------------------------------------------------------------------------------
-def _bench_eager(m, images, prompt, new_tokens, repeat, warmup, model, log):
-    from .models.base import memoized_from_pretrained, reference_checkpoint
-    from .runtime.prompt import user_message
+class _Side:
+    """One implementation under test: load it, warm it up, time single requests, release it.
 
-    runner = _EAGER.get(m.family)
-    if runner is None:
-        raise UserError(f"--vs-pytorch: no eager benchmark for family {m.family!r}")
-    recipe, adapter, model_dir, same = reference_checkpoint(m.data, model, log=log)
-    reference = {"checkpoint": str(model_dir), "same_as_build": same}
-    if not same:
-        log(f"warning: {model_dir} is not the checkpoint this build was exported from")
+    Memory: `baseline` is the RSS before loading (the framework already imported), `loaded` after,
+    `settled` after the warm-up runs (transformers mmaps its weights, so they become resident there);
+    each timed run records the RSS before it and the peak during it."""
 
-    import torch
+    label = ""
 
-    gc.collect()
-    base = rss_bytes()
-    t0 = time.perf_counter()
-    tm = adapter.load(model_dir)
-    load_s = time.perf_counter() - t0
-    loaded = rss_bytes()
-    log(f"pytorch eager: {model_dir} (float32, attn eager, {torch.get_num_threads()} threads)")
-    messages = user_message(prompt, len(images))
-    runs, out = [], None
-    with torch.no_grad(), memoized_from_pretrained() as memo:
-        adapter.reference_inputs(tm, model_dir, messages, images)  # loads the tokenizer / processor once
-        for i in range(warmup):
-            runner(tm, adapter, model_dir, messages, images, new_tokens)
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.runs: list[dict[str, Any]] = []
+        self.rss: list[tuple[int, int]] = []  # (before the run, peak during it) per timed run
+        self.monitor_method = ""
+        self.baseline = self.loaded = self.settled = 0
+        self.load_s = 0.0
+        self.last: dict[str, Any] = {}
+
+    def load(self) -> None:
+        gc.collect()
+        self.baseline = rss_bytes()
+        t0 = time.perf_counter()
+        self._load()
+        self.load_s = time.perf_counter() - t0
+        self.loaded = rss_bytes()
+
+    def warm(self, n: int) -> None:
+        for _ in range(n):
+            self._run()
+        self.settled = rss_bytes()
+
+    def timed_run(self, i: int, repeat: int) -> None:
         with RssMonitor() as mon:
-            for i in range(repeat):
-                out = runner(tm, adapter, model_dir, messages, images, new_tokens)
-                runs.append(out)
-                log(f"  eager run {i + 1}/{repeat}: ttft {out['ttft']:.0f} ms, decode {out['tok_s']:.1f} tok/s")
-    assert out is not None
-    eager = SideResult(
-        name="pytorch eager (fp32)",
-        timings_ms=_collect(runs),
-        tokens_per_s=Stats([r["tok_s"] for r in runs]),
-        tokens_generated=len(out["tokens"]),
-        prompt_tokens=out["prompt_tokens"],
-        token_ids=out["tokens"],
-        memory=Memory(base / MB, loaded / MB, mon.peak / MB, mon.method),
-        load_s=load_s,
-        notes=["preprocess: transformers tokenizer + image processor" + (" (loaded once, outside the timing)" if memo else " (including from_pretrained)"),
-               *out.get("notes", []),
-               "memory baseline is taken after the exported model was released, in the same process"],
-    )
-    del tm
-    gc.collect()
-    return eager, reference
+            before = mon.peak
+            out = self._run()
+        self.rss.append((before, mon.peak))
+        self.monitor_method = mon.method
+        self.runs.append(out)
+        self.last = out
+        self.log(f"  {self.label} run {i + 1}/{repeat}: ttft {out['ttft']:.0f} ms, decode {out['tok_s']:.1f} tok/s")
+
+    def memory(self, interleaved: bool) -> Memory:
+        if interleaved:  # the other side's memory changes between this side's runs: count rises only
+            peak = self.settled + max(max(p - b, 0) for b, p in self.rss)
+            method = self.monitor_method + "; interleaved: RSS after load and warm-up + the largest rise during a run"
+        else:
+            peak, method = max(p for _, p in self.rss), self.monitor_method
+        return Memory(self.baseline / MB, self.loaded / MB, peak / MB, method)
+
+    def stats(self) -> tuple[dict[str, Stats], Stats]:
+        return _collect(self.runs), Stats([r["tok_s"] for r in self.runs])
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _OursSide(_Side):
+    label = "ours "
+
+    def __init__(self, artifact_dir, backend: str, images, prompt: str, new_tokens: int, log):
+        super().__init__(log)
+        self.artifact_dir, self.backend, self.images, self.prompt, self.new_tokens = artifact_dir, backend, images, prompt, new_tokens
+        self.pipe = None
+        from .runtime.manifest import load_manifest
+
+        self.manifest = load_manifest(artifact_dir, check_files=False)
+
+    def _load(self) -> None:
+        from .runtime.pipeline import Pipeline
+
+        if self.backend == "ort":  # the baseline includes the framework's libraries, as torch's for the eager side
+            import onnxruntime  # noqa: F401
+        self.baseline = rss_bytes()
+        self.pipe = pipe = Pipeline(self.artifact_dir, backend=self.backend)
+        self.manifest = pipe.manifest
+        prep = pipe.prepare(self.prompt, self.images)
+        if self.new_tokens > pipe.max_context - len(prep.input_ids):
+            raise UserError(f"{len(prep.input_ids)} prompt tokens + {self.new_tokens} new tokens exceed this build's context of {pipe.max_context}")
+        self.log(f"bench {self.artifact_dir} ({self.manifest.data.get('precision')}, {self.backend}): {len(prep.input_ids)} prompt tokens, "
+                 f"{self.new_tokens} new tokens")
+
+    def _run(self) -> dict[str, Any]:
+        assert self.pipe is not None
+        res = self.pipe.generate(self.prompt, self.images, max_new_tokens=self.new_tokens, ignore_eos=True)
+        return {**{k: float(v) for k, v in res.timings_ms.items() if k in STAGES}, "tok_s": res.tokens_per_s, "res": res}
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
+            gc.collect()
+
+    def result(self, interleaved: bool) -> SideResult:
+        res = self.last["res"]
+        timings, tok_s = self.stats()
+        side = SideResult(
+            name=f"exported ({self.backend})",
+            timings_ms=timings,
+            tokens_per_s=tok_s,
+            tokens_generated=len(res.token_ids),
+            prompt_tokens=res.prompt_tokens,
+            token_ids=list(res.token_ids),
+            memory=self.memory(interleaved),
+            load_s=self.load_s,
+            calls=dict(res.calls),
+            notes=["load includes the sha256 check of every artifact file",
+                   "decode includes sampling and incremental detokenization, as `mmexport run`"],
+        )
+        if len(res.token_ids) != self.new_tokens:
+            side.notes.append(f"generated {len(res.token_ids)} tokens, not {self.new_tokens} (stop reason: {res.stop_reason})")
+        return side
+
+
+class _EagerSide(_Side):
+    label = "eager"
+
+    def __init__(self, ours: _OursSide, images, prompt: str, new_tokens: int, model: str | None, log):
+        super().__init__(log)
+        from .runtime.prompt import user_message
+
+        self.ours, self.images, self.new_tokens, self.model = ours, images, new_tokens, model
+        self.messages = user_message(prompt, len(images))
+        self.tm = None
+        self.reference: dict[str, Any] = {}
+        self.memo = False
+        self._stack = None
+
+    def _load(self) -> None:
+        import contextlib
+
+        import torch
+
+        from .models.base import memoized_from_pretrained, reference_checkpoint
+
+        m = self.ours.manifest
+        self.runner = _EAGER.get(m.family)
+        if self.runner is None:
+            raise UserError(f"--vs-pytorch: no eager benchmark for family {m.family!r}")
+        recipe, self.adapter, self.model_dir, same = reference_checkpoint(m.data, self.model, log=self.log)
+        self.reference = {"checkpoint": str(self.model_dir), "same_as_build": same}
+        if not same:
+            self.log(f"warning: {self.model_dir} is not the checkpoint this build was exported from")
+        self.baseline = rss_bytes()
+        self.tm = self.adapter.load(self.model_dir)
+        self.log(f"pytorch eager: {self.model_dir} (float32, attn eager, {torch.get_num_threads()} threads)")
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(torch.no_grad())  # per thread: runs happen on this one
+        self.memo = self._stack.enter_context(memoized_from_pretrained())
+        self.adapter.reference_inputs(self.tm, self.model_dir, self.messages, self.images)  # loads the tokenizer / processor once
+
+    def _run(self) -> dict[str, Any]:
+        return self.runner(self.tm, self.adapter, self.model_dir, self.messages, self.images, self.new_tokens)
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+        if self.tm is not None:
+            self.tm = None
+            gc.collect()
+
+    def result(self, interleaved: bool) -> SideResult:
+        out = self.last
+        timings, tok_s = self.stats()
+        return SideResult(
+            name="pytorch eager (fp32)",
+            timings_ms=timings,
+            tokens_per_s=tok_s,
+            tokens_generated=len(out["tokens"]),
+            prompt_tokens=out["prompt_tokens"],
+            token_ids=out["tokens"],
+            memory=self.memory(interleaved),
+            load_s=self.load_s,
+            notes=["preprocess: transformers tokenizer + image processor" + (" (loaded once, outside the timing)" if self.memo else " (including from_pretrained)"),
+                   *out.get("notes", []),
+                   "memory baseline: the RSS before this model was loaded, in the same process"
+                   + (" (the exported model loaded too: the runs are interleaved)" if interleaved else " (the exported model already released)")],
+        )
 
 
 def _eager_qwen2_vl(model, adapter, model_dir, messages, images, new_tokens) -> dict[str, Any]:

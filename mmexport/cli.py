@@ -191,6 +191,7 @@ def bench_cmd(
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 1,
     backend: Annotated[str, typer.Option("--backend", help="ort or trt.")] = "ort",
     vs_pytorch: Annotated[bool, typer.Option("--vs-pytorch", help="Also time transformers' eager model on the same request, in this process.")] = False,
+    interleave: Annotated[bool, typer.Option("--interleave/--sequential", help="With --vs-pytorch: keep both models loaded and alternate their timed runs (fair on a machine whose speed drifts), or run one model after the other (half the memory).")] = True,
     model: ModelOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the latency breakdown as a PNG.")] = None,
     as_json: JsonOpt = False,
@@ -199,7 +200,7 @@ def bench_cmd(
     from .bench import DEFAULT_PROMPT, bench, plot_bench, render_bench
 
     report = bench(artifacts, image=image, prompt=prompt or DEFAULT_PROMPT, new_tokens=new_tokens, repeat=repeat,
-                   warmup=warmup, backend=backend, vs_pytorch=vs_pytorch, model=model, log=_log)
+                   warmup=warmup, backend=backend, vs_pytorch=vs_pytorch, model=model, interleave=interleave, log=_log)
     if plot:
         plot_bench(report, plot)
         _log(f"wrote {plot}")

@@ -13,10 +13,38 @@ from mmexport.errors import UserError
 NEW, REPEAT = 8, 2
 
 
+LOGS: dict[str, list[str]] = {}
+
+
+def _runs_in_order(lines: list[str]) -> list[str]:
+    """'ours 1', 'eager 1', ... from the bench's log lines, in the order the timed runs happened."""
+    out = []
+    for line in lines:
+        words = line.split()
+        if len(words) > 2 and words[0] in ("ours", "eager") and words[1] == "run":
+            out.append(f"{words[0]} {words[2].split('/')[0]}")
+    return out
+
+
 @pytest.fixture(scope="module")
 def report(tiny_artifacts) -> BenchReport:
+    LOGS["interleaved"] = []
     return bench(tiny_artifacts, prompt="What is in the picture?", new_tokens=NEW, repeat=REPEAT, warmup=1,
-                 vs_pytorch=True, log=lambda m: None)
+                 vs_pytorch=True, log=LOGS["interleaved"].append)
+
+
+def test_interleaved_by_default_sequential_on_request(report, tiny_artifacts):
+    assert report.machine["interleaved"] is True
+    assert _runs_in_order(LOGS["interleaved"]) == ["ours 1", "eager 1", "ours 2", "eager 2"]
+    lines: list[str] = []
+    seq = bench(tiny_artifacts, new_tokens=3, repeat=2, warmup=0, vs_pytorch=True, interleave=False, log=lines.append)
+    assert seq.machine["interleaved"] is False
+    assert _runs_in_order(lines) == ["ours 1", "ours 2", "eager 1", "eager 2"]
+    for r in (report, seq):  # memory is reported for both sides either way
+        for side in (r.ours, r.eager):
+            assert side.memory.peak_mb >= side.memory.loaded_mb * 0.9 and side.memory.peak_delta_mb > 0
+    # interleaved: the eager side was loaded next to the exported model, so its baseline holds it
+    assert report.eager.memory.baseline_mb > report.ours.memory.baseline_mb
 
 
 def test_structure_and_json(report):

@@ -392,7 +392,7 @@ def bench(
     t_start = time.perf_counter()
     pil = load_image(image) if image is not None else default_image()
     image_desc = str(image) if image is not None else f"generated {pil.width}x{pil.height}"
-    sides: list[_Side] = [_OursSide(artifact_dir, backend, [pil], prompt, new_tokens, log)]
+    sides: list[_Side] = [_OursSide(artifact_dir, backend, [pil], prompt, new_tokens, warmup, repeat, log)]
     if vs_pytorch:
         sides.append(_EagerSide(sides[0], [pil], prompt, new_tokens, model, log))
     interleave = interleave and len(sides) > 1
@@ -494,9 +494,10 @@ class _Side:
 class _OursSide(_Side):
     label = "ours "
 
-    def __init__(self, artifact_dir, backend: str, images, prompt: str, new_tokens: int, log):
+    def __init__(self, artifact_dir, backend: str, images, prompt: str, new_tokens: int, warmup: int, repeat: int, log):
         super().__init__(log)
         self.artifact_dir, self.backend, self.images, self.prompt, self.new_tokens = artifact_dir, backend, images, prompt, new_tokens
+        self.warmup, self.repeat = warmup, repeat
         self.pipe = None
         from .runtime.manifest import load_manifest
 
@@ -514,7 +515,7 @@ class _OursSide(_Side):
         if self.new_tokens > pipe.max_context - len(prep.input_ids):
             raise UserError(f"{len(prep.input_ids)} prompt tokens + {self.new_tokens} new tokens exceed this build's context of {pipe.max_context}")
         self.log(f"bench {self.artifact_dir} ({self.manifest.data.get('precision')}, {self.backend}): {len(prep.input_ids)} prompt tokens, "
-                 f"{self.new_tokens} new tokens")
+                 f"{self.new_tokens} new tokens, {self.warmup} warm-up + {self.repeat} timed run(s)")
 
     def _run(self) -> dict[str, Any]:
         assert self.pipe is not None
@@ -573,7 +574,7 @@ class _EagerSide(_Side):
         self.runner = _EAGER.get(m.family)
         if self.runner is None:
             raise UserError(f"--vs-pytorch: no eager benchmark for family {m.family!r}")
-        recipe, self.adapter, self.model_dir, same = reference_checkpoint(m.data, self.model, log=self.log)
+        _recipe, self.adapter, self.model_dir, same = reference_checkpoint(m.data, self.model, log=self.log)
         self.reference = {"checkpoint": str(self.model_dir), "same_as_build": same}
         if not same:
             self.log(f"warning: {self.model_dir} is not the checkpoint this build was exported from")

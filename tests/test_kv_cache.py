@@ -4,7 +4,8 @@
   later step the whole preallocated buffer, always the same memory (never reallocated or copied);
 - the zero-length prefill gives the same logits and keys/values as feeding the whole empty buffer;
 - a prompt prefilled in two chunks (the second over the filled cache) gives the same first-token logits
-  as one prefill: the cache path reads what the runtime wrote.
+  as one prefill: the cache path reads what the runtime wrote;
+- the buffers follow the decoder's declaration, and builds made before `cache_len` (a fixed capacity) still run.
 """
 from __future__ import annotations
 
@@ -95,3 +96,37 @@ def test_prefill_in_two_chunks_matches_one(request):
         assert int(np.argmax(split)) == int(np.argmax(whole))
     finally:
         pipe.close()
+
+
+@pytest.mark.parametrize("declared", ["cache_len", 8])
+def test_kv_cache_buffers_from_the_declaration(declared):
+    """KVCache sizes its buffers from the decoder's declaration; a build made before the cache_len axis
+    (capacity declared as a fixed size) still runs, fed the whole buffer from the first step."""
+    from mmexport.runtime.pipeline import KVCache
+    from mmexport.spec import ComponentSpec, Dim, TensorSpec
+
+    dims = {"batch": Dim("batch", 1, 1, 1), "seq_len": Dim("seq_len", 1, 4, 8)}
+    if declared == "cache_len":
+        dims["cache_len"] = Dim("cache_len", 0, 8, 8)
+    spec = ComponentSpec(
+        "decoder",
+        inputs=(TensorSpec("inputs_embeds", "float32", ("batch", "seq_len", 4)),
+                TensorSpec("cache_mask", "int64", ("batch", declared)),
+                *(TensorSpec(f"cache_{k}_0", "float32", ("batch", 2, declared, 3)) for k in ("key", "value"))),
+        outputs=(TensorSpec("logits", "float32", ("batch", 1, 5)),
+                 *(TensorSpec(f"{k}_0", "float32", ("batch", 2, "seq_len", 3)) for k in ("key", "value"))),
+        dims=dims,
+    )
+    cache = KVCache(spec)
+    assert cache.capacity == 8 and cache.arrays["cache_key_0"].shape == (1, 2, 8, 3)
+    first = cache.feeds()
+    assert first["cache_key_0"].shape[2] == (0 if declared == "cache_len" else 8)
+    assert first["cache_mask"].shape == (1, 0 if declared == "cache_len" else 8)
+    new = np.arange(2 * 2 * 3, dtype=np.float32).reshape(1, 2, 2, 3)
+    cache.append({"key_0": new, "value_0": -new})
+    fed = cache.feeds()
+    assert fed["cache_key_0"] is cache.arrays["cache_key_0"] and fed["cache_mask"].tolist() == [[1, 1, 0, 0, 0, 0, 0, 0]]
+    np.testing.assert_array_equal(fed["cache_value_0"][:, :, :2], -new)
+    assert not fed["cache_key_0"][:, :, 2:].any()
+    with pytest.raises(Exception, match="holds 8 tokens"):
+        cache.append({"key_0": np.zeros((1, 2, 7, 3), np.float32), "value_0": np.zeros((1, 2, 7, 3), np.float32)})

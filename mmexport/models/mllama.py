@@ -65,9 +65,9 @@ def _wrappers():
     torch = _torch()
     from torch import nn
     from torch.nn import functional as F
-    from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb, repeat_kv
+    from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb
 
-    from .torch_ops import NEG, EmbedTokens, attend_with_cache, cache_biases
+    from .torch_ops import NEG, EmbedTokens, attend_with_cache, cache_biases, cross_attend
 
     class VisionEncoder(nn.Module):
         """tiles [T, 3, H, W], aspect_ratio_id [1], aspect_ratio_mask [T] -> features [T, P, vision_output_dim].
@@ -202,10 +202,7 @@ def _wrappers():
                     ck = crosses[2 * ci].reshape(bsz, ca.num_key_value_heads, -1, ca.head_dim)
                     cv = crosses[2 * ci + 1].reshape(bsz, ca.num_key_value_heads, -1, ca.head_dim)
                     ci += 1
-                    ck, cv = repeat_kv(ck, ca.num_key_value_groups), repeat_kv(cv, ca.num_key_value_groups)
-                    s = torch.matmul(q, ck.transpose(2, 3)).float() * ca.scaling + cross_bias
-                    w = torch.softmax(s, dim=-1).to(q.dtype)
-                    o = ca.o_proj(torch.matmul(w, cv).transpose(1, 2).reshape(bsz, seq, -1))
+                    o = ca.o_proj(cross_attend(q, ck, cv, cross_bias, ca.scaling, ca.num_key_value_groups))
                     h = residual + gate * (layer.cross_attn_attn_gate.tanh() * o)
                     residual = h
                     m = layer.mlp(layer.post_attention_layernorm(h)) * row[:, 0]

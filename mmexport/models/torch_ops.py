@@ -43,6 +43,22 @@ def attend_with_cache(q, k, v, cache_k, cache_v, cache_bias, new_bias, scaling: 
     return o.reshape(bsz, heads, seq, dim).transpose(1, 2).reshape(bsz, seq, heads * dim)
 
 
+def cross_attend(q, ck, cv, bias, scaling: float, groups: int):
+    """softmax(q·ckᵀ + bias) · cv for cross-attention over fixed keys/values (Method B's image K/V).
+
+    q [B, H, S, D]; ck, cv [B, kv, N, D]; bias [B, 1, S, N] (fp32) -> [B, S, H*D]. Grouped-query heads
+    are stacked along the rows as in `attend_with_cache`, so the N keys/values (tiles x patches: 6,404
+    for Llama 3.2 Vision's four tiles) are read once per KV head instead of being repeated per query
+    head; the bias is broadcast over the groups, not repeated."""
+    bsz, heads, seq, dim = q.shape
+    kvh = heads // groups
+    s = torch.matmul(q.reshape(bsz, kvh, groups * seq, dim), ck.transpose(2, 3)).float() * scaling
+    s = s.view(bsz, kvh, groups, seq, -1) + bias.unsqueeze(2)
+    w = torch.softmax(s, dim=-1).to(q.dtype).view(bsz, kvh, groups * seq, -1)
+    o = torch.matmul(w, cv).reshape(bsz, heads, seq, dim)
+    return o.transpose(1, 2).reshape(bsz, seq, heads * dim)
+
+
 class EmbedTokens(nn.Module):
     """input_ids [B, S] -> inputs_embeds [B, S, hidden] (the checkpoint's own embedding table)."""
 

@@ -541,7 +541,7 @@ class _OursSide(_Side):
             memory=self.memory(interleaved),
             load_s=self.load_s,
             calls=dict(res.calls),
-            notes=["load includes the sha256 check of every artifact file",
+            notes=["load includes the sha256 check of the artifact files changed since their last check (.verified.json)",
                    "decode includes sampling and incremental detokenization, as `mmexport run`"],
         )
         if len(res.token_ids) != self.new_tokens:

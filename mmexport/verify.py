@@ -150,7 +150,7 @@ def verify(
     from .runtime.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    pipe = Pipeline(artifacts, backend=backend)
+    pipe = Pipeline(artifacts, backend=backend, rehash=True)  # verify reads every file, whatever .verified.json says
     m = pipe.manifest
     recipe, adapter, model_dir, same_weights = reference_checkpoint(m.data, model, log=log)
     quant = m.data.get("quantization")

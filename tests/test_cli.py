@@ -260,3 +260,48 @@ def test_raw_prompt_skips_the_chat_template(tiny_artifacts, images):
     assert 0 < r["prompt_tokens"] < templated["prompt_tokens"]
     _one_line_error(run_cli("run", tiny_artifacts, "--image", images[0], "--prompt", "no placeholder", "--raw-prompt", check=2),
                     "placeholders")
+
+
+def test_unchanged_files_are_not_hashed_again_but_verify_rehashes(tiny_artifacts, tmp_path, monkeypatch):
+    """.verified.json: a build's files are not read again on load while their size, mtime and inode are
+    unchanged; a copy, an edit or a replaced file is hashed; rehash=True (verify) hashes everything, so even
+    an edit that restores the old mtime is caught there."""
+    import os
+
+    from mmexport.errors import UserError
+    from mmexport.runtime import manifest as mf
+
+    calls: list[str] = []
+    real = mf.sha256_file
+    monkeypatch.setattr(mf, "sha256_file", lambda p, *a, **k: (calls.append(p.name), real(p, *a, **k))[1])
+    n_files = len(json.loads((tiny_artifacts / "manifest.json").read_text())["files"])
+
+    mf.load_manifest(tiny_artifacts)  # the build recorded its hashes: nothing is read
+    assert calls == []
+    art = tmp_path / "copy"
+    shutil.copytree(tiny_artifacts, art)  # new inodes: everything is hashed once, then not again
+    mf.load_manifest(art)
+    assert len(calls) == n_files
+    calls.clear()
+    mf.load_manifest(art)
+    assert calls == []
+    mf.load_manifest(art, rehash=True)
+    assert len(calls) == n_files
+
+    data = art / "onnx" / "decoder.onnx.data"
+    st = data.stat()
+    with open(data, "r+b") as f:  # same size, new content...
+        b = f.read(1)
+        f.seek(0)
+        f.write(bytes([b[0] ^ 0xFF]))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # ...and the old mtime: the stat record cannot tell
+    calls.clear()
+    mf.load_manifest(art)
+    assert calls == []
+    with pytest.raises(UserError, match="decoder.onnx.data does not match its sha256"):
+        mf.load_manifest(art, rehash=True)
+    with pytest.raises(UserError, match="decoder.onnx.data does not match"):  # the record was dropped
+        mf.load_manifest(art)
+    os.utime(data)  # an ordinary edit moves the mtime: caught by a plain load
+    with pytest.raises(UserError, match="decoder.onnx.data does not match"):
+        mf.load_manifest(art)

@@ -110,8 +110,8 @@ class KVCache:
 
 
 class Pipeline:
-    def __init__(self, artifact_dir: Path | str, backend: str = "ort", check_files: bool = True, **runner_kw):
-        self.manifest = load_manifest(artifact_dir, check_files=check_files)
+    def __init__(self, artifact_dir: Path | str, backend: str = "ort", check_files: bool = True, rehash: bool = False, **runner_kw):
+        self.manifest = load_manifest(artifact_dir, check_files=check_files, rehash=rehash)
         m = self.manifest
         self.family = family_runtime(m.family, m.model)
         self.specs = m.components

@@ -448,6 +448,7 @@ class _Side:
         self.last: dict[str, Any] = {}
 
     def load(self) -> None:
+        self._prepare()
         gc.collect()
         self.baseline = rss_bytes()
         t0 = time.perf_counter()
@@ -481,6 +482,9 @@ class _Side:
     def stats(self) -> tuple[dict[str, Stats], Stats]:
         return _collect(self.runs), Stats([r["tok_s"] for r in self.runs])
 
+    def _prepare(self) -> None:
+        """What comes before the baseline and the load timing (framework imports, finding the checkpoint)."""
+
     def _load(self) -> None:
         raise NotImplementedError
 
@@ -499,16 +503,15 @@ class _OursSide(_Side):
         self.artifact_dir, self.backend, self.images, self.prompt, self.new_tokens = artifact_dir, backend, images, prompt, new_tokens
         self.warmup, self.repeat = warmup, repeat
         self.pipe = None
-        from .runtime.manifest import load_manifest
+        self.manifest = None  # set by load(), which runs before the eager side's
 
-        self.manifest = load_manifest(artifact_dir, check_files=False)
+    def _prepare(self) -> None:
+        if self.backend == "ort":  # the baseline includes the framework's libraries, as torch's for the eager side
+            import onnxruntime  # noqa: F401
 
     def _load(self) -> None:
         from .runtime.pipeline import Pipeline
 
-        if self.backend == "ort":  # the baseline includes the framework's libraries, as torch's for the eager side
-            import onnxruntime  # noqa: F401
-        self.baseline = rss_bytes()
         self.pipe = pipe = Pipeline(self.artifact_dir, backend=self.backend)
         self.manifest = pipe.manifest
         prep = pipe.prepare(self.prompt, self.images)
@@ -563,14 +566,13 @@ class _EagerSide(_Side):
         self.memo = False
         self._stack = None
 
-    def _load(self) -> None:
-        import contextlib
+    def _prepare(self) -> None:
+        import torch  # noqa: F401  (the baseline includes torch, as ours includes onnxruntime)
 
-        import torch
-
-        from .models.base import memoized_from_pretrained, reference_checkpoint
+        from .models.base import reference_checkpoint
 
         m = self.ours.manifest
+        assert m is not None, "the exported side is loaded first"
         self.runner = _EAGER.get(m.family)
         if self.runner is None:
             raise UserError(f"--vs-pytorch: no eager benchmark for family {m.family!r}")
@@ -578,7 +580,14 @@ class _EagerSide(_Side):
         self.reference = {"checkpoint": str(self.model_dir), "same_as_build": same}
         if not same:
             self.log(f"warning: {self.model_dir} is not the checkpoint this build was exported from")
-        self.baseline = rss_bytes()
+
+    def _load(self) -> None:
+        import contextlib
+
+        import torch
+
+        from .models.base import memoized_from_pretrained
+
         self.tm = self.adapter.load(self.model_dir)
         self.log(f"pytorch eager: {self.model_dir} (float32, attn eager, {torch.get_num_threads()} threads)")
         self._stack = contextlib.ExitStack()

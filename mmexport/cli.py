@@ -67,8 +67,11 @@ def recipes_cmd(as_json: JsonOpt = False) -> None:
 
 @app.command("build")
 def build_cmd(
-    recipe: Annotated[str, typer.Argument(help="Recipe name (see `mmexport recipes`) or path to a .toml file.")],
+    recipe: Annotated[str, typer.Argument(help="Recipe name (see `mmexport recipes`), path to a .toml file, or a checkpoint: "
+                                               "a Hugging Face directory or Hub id (the family is detected from config.json).")],
     model: ModelOpt = None,
+    max_context: Annotated[Optional[int], typer.Option("--max-context", min=16, help="Context (prompt + answer) the build holds [default: the recipe's; for a checkpoint, its config's capped at 4096].")] = None,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Images per prompt [default: the recipe's, or the family's].")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: artifacts/RECIPE].")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or fp16 [default: the recipe's].")] = None,
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4: weight-only MatMul quantization (ONNX Runtime only).")] = None,
@@ -77,10 +80,17 @@ def build_cmd(
     flavor: Annotated[str, typer.Option("--flavor", help="Engine flavour with --engines: auto, tensorrt, tensorrt-rtx.")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Export every component of a recipe to ONNX and write the artifact directory."""
-    from .recipes import load_recipe
+    """Export every component of a recipe (or of any supported checkpoint) to ONNX and write the artifact directory."""
+    from .recipes import load_recipe, looks_like_checkpoint, with_limits
 
-    r = load_recipe(recipe)
+    if looks_like_checkpoint(recipe):
+        if model is not None:
+            raise UserError("--model goes with a recipe; a checkpoint is given directly: mmexport build CHECKPOINT")
+        from .checkpoints import checkpoint_build_recipe
+
+        r = checkpoint_build_recipe(recipe, max_context=max_context, max_images=max_images)
+    else:
+        r = with_limits(load_recipe(recipe), max_context=max_context, max_images=max_images)
     if precision is not None and precision not in ("fp32", "fp16"):
         raise UserError(f"--precision must be fp32 or fp16, got {precision!r}")
     from .export.build import build

@@ -151,3 +151,57 @@ def load_recipe(name_or_path: str) -> Recipe:
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
     return parse_recipe(data, path.stem, path)
+
+
+CHECKPOINT_DEFAULTS = Path(__file__).resolve().parent / "data" / "checkpoint_defaults.toml"
+
+
+def looks_like_checkpoint(arg: str) -> bool:
+    """Whether a `build` argument names a checkpoint rather than a recipe: a directory holding config.json, or
+    anything with a path separator that is not a .toml file (a path, or a Hub id `org/name`)."""
+    p = Path(arg).expanduser()
+    if p.suffix == ".toml":
+        return False
+    return (p / "config.json").is_file() or "/" in arg or os.sep in arg
+
+
+def with_limits(recipe: Recipe, max_context: int | None = None, max_images: int | None = None) -> Recipe:
+    """The recipe with its context or images per prompt changed (build's --max-context / --max-images)."""
+    if max_context is None and max_images is None:
+        return recipe
+    raw = dict(recipe.raw)
+    raw["limits"] = dict(raw["limits"])
+    if max_context is not None:
+        raw["limits"]["max_context"] = max_context
+        raw["limits"]["max_new_tokens"] = min(int(raw["limits"]["max_new_tokens"]), max_context // 2)
+    if max_images is not None:
+        raw["limits"]["max_images"] = max_images
+    return parse_recipe(raw, recipe.name, recipe.path)
+
+
+def checkpoint_recipe(source: str, model_dir: Path, config: dict[str, Any], family: str, family_limits: dict[str, int],
+                      max_context: int | None = None, max_images: int | None = None) -> Recipe:
+    """The recipe of a checkpoint built without one: `source` (the directory or Hub id as given) exported as
+    its family, with the limits of mmexport/data/checkpoint_defaults.toml, the config and the options."""
+    defaults = tomllib.loads(CHECKPOINT_DEFAULTS.read_text())
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    limit = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    cap = int(defaults["limits"]["max_context"])
+    if max_context is not None:
+        if limit and max_context > int(limit):
+            raise UserError(f"--max-context {max_context} exceeds the checkpoint's max_position_embeddings ({limit})")
+        ctx = max_context
+    else:
+        ctx = min(int(limit), cap) if limit else cap
+    images = max_images if max_images is not None else int(family_limits.get("max_images", 1))
+    name = Path(source.rstrip("/")).name if Path(source).expanduser().is_dir() else source.split("/")[-1]
+    data = {
+        "name": name,
+        "family": family,
+        "description": f"{source} (no recipe: limits from the checkpoint and mmexport's defaults)",
+        "source": {"model": str(Path(source).expanduser().resolve()) if Path(source).expanduser().is_dir() else source},
+        "limits": {"max_images": images, "max_context": ctx, "max_new_tokens": min(int(defaults["limits"]["max_new_tokens"]), ctx // 2)},
+        "export": dict(defaults["export"]),
+        "tolerances": defaults["tolerances"],
+    }
+    return parse_recipe(data, name)

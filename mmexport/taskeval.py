@@ -78,7 +78,7 @@ class TaskResult:
 def evaluate_task(pipe, torch_model, adapter, model_dir, gate: TaskGate, max_new_tokens: int,
                   log: Callable[[str], None] = print) -> TaskResult:
     """Both sides answer `gate.examples` held-out examples greedily; answers are scored by the task."""
-    from .models.base import memoized_from_pretrained
+    from .checkpoints import memoized_from_pretrained
     from .runtime.prompt import user_message
 
     task = load_task(gate.name)

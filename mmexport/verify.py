@@ -142,7 +142,7 @@ def verify(
     log: Callable[[str], None] = print,
 ) -> VerifyReport:
     """`task`: "auto" evaluates the recipe's [task] (if it declares one), "none" skips it, or a task name."""
-    from .models.base import reference_checkpoint
+    from .checkpoints import reference_checkpoint
     from .runtime.image import load_image
     from .taskeval import TaskGate, evaluate_task, load_task
     from .runtime.pipeline import KVCache, Pipeline

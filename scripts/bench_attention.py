@@ -1,5 +1,5 @@
 """Decode-step attention at real model sizes: repeating K/V per query head (transformers' `repeat_kv`)
-against mmexport's stacked grouped-query attention (`mmexport.models.torch_ops`).
+against mmexport's stacked grouped-query attention (`mmexport.families.attention`).
 
 Both variants are exported with torch.onnx (dynamo) and timed in ONNX Runtime on the CPU with the
 runtime's session settings (intra-op spinning off); their outputs are compared first.
@@ -25,7 +25,20 @@ import torch
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from mmexport.export.onnx_export import _quiet
-from mmexport.models.torch_ops import attend_with_cache, cache_biases, cross_attend
+from mmexport.families.attention import CacheContext, attend_over_cache, cross_attend as _cross_attend
+
+
+def cache_biases(cache_mask, seq):
+    return CacheContext(cache_mask, {}).biases(seq, None)
+
+
+def attend_with_cache(q, k, v, cache_k, cache_v, cache_bias, new_bias, scaling, groups):
+    o = attend_over_cache(q, k, v, cache_k, cache_v, cache_bias, new_bias, scaling)  # groups follow from the shapes
+    return o.reshape(q.shape[0], q.shape[2], -1)
+
+
+def cross_attend(q, ck, cv, bias, scaling, groups):
+    return _cross_attend(q, ck, cv, bias, scaling)
 
 
 def self_repeat(q, k, v, cache_k, cache_v, cache_bias, new_bias, scaling, groups):

@@ -90,7 +90,7 @@ def log(msg: str) -> None:
 def build_model_and_processors(seed: int):
     """A freshly initialized model (transformers' own init, eager attention), its tokenizer and image
     processor: mmexport's synthetic Qwen2-VL checkpoint pieces, at this script's sizes."""
-    from mmexport.models.qwen2_vl import Qwen2VLAdapter
+    from mmexport.families.qwen2_vl.export import Qwen2VLAdapter
 
     syn = dict(seed=seed, tokenizer_vocab_size=TOKENIZER_VOCAB, init_std=0, text_config=TEXT_CONFIG, vision_config=VISION_CONFIG, preprocessor=PREPROCESSOR)
     model, tokenizer, image_processor, _ = Qwen2VLAdapter.synthetic_parts(syn, attn_implementation="eager")

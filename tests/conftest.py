@@ -37,8 +37,8 @@ def tiny_artifacts(cache_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(cache_dir) -> Path:
     """The tiny recipe's synthetic checkpoint: an ordinary local Hugging Face directory."""
-    from mmexport.models import get_adapter
-    from mmexport.models.base import resolve_source
+    from mmexport.families import get_adapter
+    from mmexport.checkpoints import resolve_source
     from mmexport.recipes import load_recipe
 
     r = load_recipe("qwen2-vl-tiny")

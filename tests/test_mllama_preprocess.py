@@ -1,4 +1,4 @@
-"""mmexport.runtime.mllama_image against transformers' mllama code (the real thing, no mocks, no Hub).
+"""mmexport.families.mllama.image against transformers' mllama code (the real thing, no mocks, no Hub).
 
 Images: `MllamaImageProcessorPil` -- pixel_values within 1e-5 (in practice bit-identical), aspect_ratio_ids,
 aspect_ratio_mask and num_tiles exactly, for tiny / huge / wide / tall / square / odd sizes, non-RGB modes, the
@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run from anywhere, without an install
     sys.path.insert(0, str(ROOT))
 
 from mmexport.errors import UserError  # noqa: E402
-from mmexport.runtime.mllama_image import (  # noqa: E402
+from mmexport.families.mllama.image import (  # noqa: E402
     MllamaEncodedImage,
     MllamaImageParams,
     cross_attention_token_mask,
@@ -403,7 +403,7 @@ def test_import_does_not_pull_torch_or_transformers():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
         "import numpy as np; from PIL import Image; "
-        "from mmexport.runtime.mllama_image import MllamaImageParams, preprocess_mllama, "
+        "from mmexport.families.mllama.image import MllamaImageParams, preprocess_mllama, "
         "cross_attention_token_mask, dense_cross_attention_mask; "
         "p = MllamaImageParams(tile_size=28, max_image_tiles=4); "
         "e = preprocess_mllama(Image.new('RGB', (50, 20)), p); "
@@ -415,12 +415,3 @@ def test_import_does_not_pull_torch_or_transformers():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_report_max_diff():
-    """Runs last (file order): every comparison above stayed within tolerance; print the worst one."""
-    if not MAX_DIFFS:
-        pytest.skip("no comparisons ran")
-    worst = max(MAX_DIFFS, key=MAX_DIFFS.get)
-    print(f"\n{len(MAX_DIFFS)} image comparisons, max abs diff {MAX_DIFFS[worst]:.3g} ({worst})")
-    assert MAX_DIFFS[worst] <= TOL

@@ -1,4 +1,4 @@
-"""mmexport.runtime.qwen2_vl's M-RoPE and vision rotary tables against transformers' Qwen2-VL (the real code).
+"""mmexport.families.qwen2_vl.runtime's M-RoPE and vision rotary tables against transformers' Qwen2-VL (the real code).
 
 - rope_index          vs Qwen2VLModel.get_rope_index (position ids [3, S] and mrope_position_deltas)
 - step_positions      vs Qwen2VLModel.compute_3d_position_ids during decode (a real KV cache of the prompt), and vs
@@ -21,7 +21,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEm
 from transformers.vision_utils import get_vision_position_ids  # noqa: E402
 
 from mmexport.errors import UserError  # noqa: E402
-from mmexport.runtime.qwen2_vl import EncodedImage, Qwen2VLRuntime, rope_index, vision_rotary_tables  # noqa: E402
+from mmexport.families.qwen2_vl.runtime import EncodedImage, Qwen2VLRuntime, rope_index, vision_rotary_tables  # noqa: E402
 
 IMAGE = 290
 VIDEO = 291

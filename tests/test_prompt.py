@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("torch")  # the synthetic checkpoint is written with torch
 
 from mmexport.errors import UserError  # noqa: E402
-from mmexport.models import get_adapter  # noqa: E402
-from mmexport.models.base import resolve_source  # noqa: E402
+from mmexport.families import get_adapter  # noqa: E402
+from mmexport.checkpoints import resolve_source  # noqa: E402
 from mmexport.recipes import load_recipe  # noqa: E402
 from mmexport.runtime.prompt import PromptBuilder, user_message  # noqa: E402
 

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..errors import UserError
-from ..models import get_adapter
-from ..models.base import resolve_source, weights_digest
+from ..families import get_adapter
+from ..checkpoints import resolve_source, weights_digest
 from ..recipes import Recipe
 from ..runtime.manifest import sha256_file, write_manifest
 from .onnx_export import export_component

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..spec import ComponentSpec, Dim
-from ..models.base import ExportComponent
+from ..families.base import ExportComponent
 
 
 def _export_dims(spec: ComponentSpec) -> dict[str, Any]:
@@ -78,6 +78,9 @@ def export_component(comp: ExportComponent, out_dir: Path, opset: int, log=print
     _rename_external_data(onnx_path, spec)
     onnx.checker.check_model(str(onnx_path), full_check=False)
     _check_io(onnx_path, spec)
+    from .shapecheck import check_other_shape
+
+    check_other_shape(comp.module, spec, comp.example, onnx_path, log=log)  # a traced size baked in fails here
     return onnx_path
 
 
@@ -89,6 +92,20 @@ def _name_dims(model, spec: ComponentSpec) -> None:
                 axis.dim_param = want
 
 
+def _strip_trace_metadata(model) -> None:
+    """Drop the exporter's per-node debugging metadata (Python stack traces with the build machine's paths, FX
+    nodes, module scopes): it carries nothing a runtime reads and made up most of a decoder's .onnx file."""
+    graphs = [model.graph]
+    while graphs:
+        g = graphs.pop()
+        for node in g.node:
+            del node.metadata_props[:]
+            for a in node.attribute:
+                if a.g.node:
+                    graphs.append(a.g)
+                graphs.extend(a.graphs)
+
+
 def _rename_external_data(onnx_path: Path, spec: ComponentSpec) -> None:
     """Name the dims, and keep the weights in exactly one file named `<component>.onnx.data`."""
     import onnx
@@ -97,6 +114,7 @@ def _rename_external_data(onnx_path: Path, spec: ComponentSpec) -> None:
     want = onnx_path.name + ".data"
     model = onnx.load(str(onnx_path), load_external_data=True)
     _name_dims(model, spec)
+    _strip_trace_metadata(model)
     stale = {
         e.value
         for init in model.graph.initializer

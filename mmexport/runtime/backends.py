@@ -8,6 +8,7 @@ runner is activated, so this module imports with neither installed.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ class Runner:
         self.spec = spec
         self.active = False
         self.calls = 0  # inferences run (bench and tests show which stages a decode step touches)
+        self.seconds = 0.0  # wall time spent in them (each runner times its own inferences, as Polygraphy's do)
 
     def activate(self) -> "Runner":
         self.active = True
@@ -38,8 +40,11 @@ class Runner:
             self.spec.check_feed(feed)
         except ValueError as e:
             raise UserError(str(e)) from None
+        t0 = time.perf_counter()
+        out = self._infer(feed)
+        self.seconds += time.perf_counter() - t0
         self.calls += 1
-        return self._infer(feed)
+        return out
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError

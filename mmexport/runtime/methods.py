@@ -1,9 +1,9 @@
 """The two ways a multimodal LLM feeds images to its decoder, as runtime strategies (torch-free).
 
-A family runtime (runtime/qwen2_vl.py, runtime/mllama.py) inherits one of them and adds its own
+A family runtime (mmexport/families/*/runtime.py) inherits one of them and adds its own
 preprocessing and positions; the generic pipeline (pipeline.py) only calls these hooks:
 
-  encode_images(pipe, images, timings) -> vision state    once per request, before prefill
+  encode_images(pipe, images)          -> vision state    once per request, before prefill
   prompt_embeds(pipe, prep, state)     -> [1, S, hidden]  the prompt's decoder input
   prefill_feeds(prep, state)           -> extra decoder inputs for the prompt
   step_feeds(prep, state, start)       -> extra decoder inputs for one generated token at `start`
@@ -18,7 +18,6 @@ image tiles each text token may attend to.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -32,7 +31,8 @@ class FamilyRuntime:
 
     image_token: str
     image_token_id: int
-    image_stages: tuple[str, ...] = ("vision", "projector")
+    # time-to-first-token stages of the image path -> the component whose runner time they are
+    image_stages: dict[str, str] = {"vision": "vision_encoder", "projector": "projector"}
 
     def preprocess(self, image) -> Any:
         raise NotImplementedError
@@ -50,30 +50,34 @@ class FamilyRuntime:
         return {}
 
 
-def _timed(timings: dict[str, float] | None, stage: str, t0: float) -> float:
-    t1 = time.perf_counter()
-    if timings is not None:
-        timings[stage] = timings.get(stage, 0.0) + (t1 - t0) * 1e3
-    return t1
-
-
 class EmbeddingMerge(FamilyRuntime):
     """Method A: image embeddings replace the image placeholder tokens' embeddings."""
 
     def vision_feeds(self, img) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def encode_image(self, pipe, img, timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(vision hidden states, image embeddings) for one preprocessed image."""
-        t0 = time.perf_counter()
-        hidden = pipe.runners["vision_encoder"].infer(self.vision_feeds(img))["vision_hidden"]
-        t0 = _timed(timings, "vision", t0)
-        embeds = pipe.runners["projector"].infer({"vision_hidden": hidden})["image_embeds"]
-        _timed(timings, "projector", t0)
-        return hidden, embeds
+    def encode_image(self, pipe, img) -> dict[str, np.ndarray]:
+        """The projector's outputs for one preprocessed image (`image_embeds` [tokens, hidden], in prompt order)."""
+        vision = pipe.runners["vision_encoder"].infer(self.vision_feeds(img))
+        return self.projector_outputs_in_reference_order(img, pipe.runners["projector"].infer(self.projector_feeds(img, vision)))
 
-    def encode_images(self, pipe, images: Sequence[Any], timings: dict[str, float] | None = None) -> list[np.ndarray]:
-        return [self.encode_image(pipe, im, timings)[1] for im in images]
+    def encode_images(self, pipe, images: Sequence[Any]) -> list[np.ndarray]:
+        return [self.encode_image(pipe, im)["image_embeds"] for im in images]
+
+    # how the graphs' layouts relate to transformers' (identity unless a family reorders or pads)
+    def reference_pixels(self, img) -> np.ndarray:
+        """The image's pixels laid out as transformers' processor lays them out (verify compares them)."""
+        return img.pixel_values
+
+    def projector_feeds(self, img, vision_outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The projector's feed from the vision encoder's outputs (by name, plus any host-side inputs)."""
+        return {"vision_hidden": vision_outputs["vision_hidden"]}
+
+    def vision_outputs_in_reference_order(self, img, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return outputs
+
+    def projector_outputs_in_reference_order(self, img, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return outputs
 
     def merge_embeds(self, ids: np.ndarray, text_embeds: np.ndarray, image_embeds: Sequence[np.ndarray]) -> np.ndarray:
         """Put the image embeddings at the image-token positions, in order."""
@@ -111,29 +115,22 @@ class CrossState:
 class CrossAttention(FamilyRuntime):
     """Method B: the decoder's cross-attention layers read keys/values computed once from the images."""
 
-    image_stages = ("vision", "projector", "cross_kv")
+    image_stages = {"vision": "vision_encoder", "projector": "projector", "cross_kv": "cross_kv"}
     cross_layers: Sequence[int] = ()
     max_tiles: int = 1
 
     def vision_feeds(self, img) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def image_states(self, pipe, img, timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(vision features, projected states [max_tiles, P, hidden]) for one preprocessed image."""
-        t0 = time.perf_counter()
+    def image_states(self, pipe, img) -> np.ndarray:
+        """Projected states [max_tiles, P, hidden] for one preprocessed image."""
         feats = pipe.runners["vision_encoder"].infer(self.vision_feeds(img))["vision_hidden"]
-        t0 = _timed(timings, "vision", t0)
-        states = pipe.runners["projector"].infer({"vision_hidden": feats})["image_states"]
-        _timed(timings, "projector", t0)
-        return feats, states
+        return pipe.runners["projector"].infer({"vision_hidden": feats})["image_states"]
 
-    def cross_kv(self, pipe, states: np.ndarray, timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
-        out = pipe.runners["cross_kv"].infer({"cross_states": np.ascontiguousarray(states)})
-        _timed(timings, "cross_kv", t0)
-        return out
+    def cross_kv(self, pipe, states: np.ndarray) -> dict[str, np.ndarray]:
+        return pipe.runners["cross_kv"].infer({"cross_states": np.ascontiguousarray(states)})
 
-    def encode_images(self, pipe, images: Sequence[Any], timings: dict[str, float] | None = None) -> CrossState:
+    def encode_images(self, pipe, images: Sequence[Any]) -> CrossState:
         if not images:
             # text-only: the decoder skips its cross-attention layers (has_image = 0); the cross inputs
             # still need a shape, so one zero tile slot stands in (never read)
@@ -144,8 +141,8 @@ class CrossAttention(FamilyRuntime):
                     shape = tuple(1 if isinstance(d, str) else d for d in t.shape)
                     feeds[t.name] = np.zeros(shape, dtype=t.dtype)
             return CrossState(feeds, 1, False)
-        states = np.concatenate([self.image_states(pipe, im, timings)[1] for im in images], axis=0)
-        return CrossState(self.cross_kv(pipe, states, timings), int(states.shape[0]), True)
+        states = np.concatenate([self.image_states(pipe, im) for im in images], axis=0)
+        return CrossState(self.cross_kv(pipe, states), int(states.shape[0]), True)
 
     def prompt_embeds(self, pipe, prep, state: CrossState) -> np.ndarray:
         return pipe.embed(prep.input_ids)

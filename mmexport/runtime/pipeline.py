@@ -18,7 +18,6 @@ import numpy as np
 
 from ..errors import UserError
 from .backends import make_runner
-from .families import family_runtime
 from .image import load_image
 from .manifest import load_manifest
 from .prompt import PromptBuilder, user_message
@@ -113,7 +112,9 @@ class Pipeline:
     def __init__(self, artifact_dir: Path | str, backend: str = "ort", check_files: bool = True, rehash: bool = False, **runner_kw):
         self.manifest = load_manifest(artifact_dir, check_files=check_files, rehash=rehash)
         m = self.manifest
-        self.family = family_runtime(m.family, m.model)
+        from ..families import get_runtime
+
+        self.family = get_runtime(m.family, m.model)
         self.specs = m.components
         self.runners = {
             name: make_runner(backend, m.component_file(name), spec, **runner_kw).activate() for name, spec in self.specs.items()
@@ -146,9 +147,9 @@ class Pipeline:
         pos, delta = self.family.prompt_positions(ids, encoded)
         return Prepared(ids, encoded, pos, delta, text, self.family.prompt_extras(ids, encoded))
 
-    def encode_images(self, images: Sequence[Any], timings: dict[str, float] | None = None):
+    def encode_images(self, images: Sequence[Any]):
         """The family's vision state for the request (Method A: image embeddings; B: cross K/V)."""
-        return self.family.encode_images(self, images, timings)
+        return self.family.encode_images(self, images)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.runners["embed_tokens"].infer({"input_ids": ids.reshape(1, -1).astype(np.int64)})["inputs_embeds"]
@@ -177,16 +178,17 @@ class Pipeline:
     ) -> GenerationResult:
         timings: dict[str, float] = {}
         calls0 = {name: r.calls for name, r in self.runners.items()}
+        seconds0 = {name: r.seconds for name, r in self.runners.items()}
         t0 = time.perf_counter()
         prep = self.prepare(prompt, images, raw_prompt=raw_prompt)
         t1 = time.perf_counter()
         timings["preprocess"] = (t1 - t0) * 1e3
-        for stage in self.family.image_stages:
-            timings[stage] = 0.0
-        state = self.encode_images(prep.images, timings)
+        state = self.encode_images(prep.images)
         t2 = time.perf_counter()
-        # the stages add up to ttft exactly: vision takes the loop's own overhead
-        timings["vision"] = (t2 - t1) * 1e3 - sum(timings[s] for s in self.family.image_stages if s != "vision")
+        # each image stage is its component's runner time; vision also takes the loop's own overhead
+        for stage, comp in self.family.image_stages.items():
+            timings[stage] = (self.runners[comp].seconds - seconds0[comp]) * 1e3 if comp in self.runners else 0.0
+        timings["vision"] = (t2 - t1) * 1e3 - sum(v for k, v in timings.items() if k in self.family.image_stages and k != "vision")
 
         cache = KVCache(self.specs["decoder"])
         logits = self.prefill(prep, state, cache)

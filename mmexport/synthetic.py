@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus.txt"
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
 
 # Qwen2's pre-tokenizer split (the same regex as the released tokenizer.json of Qwen2 / Qwen2-VL).
 QWEN2_SPLIT = (

@@ -12,10 +12,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ...errors import UserError
+from ...runtime.methods import EmbeddingMerge
 from .image import Qwen2VLImageParams, preprocess_image
-from .families import register_runtime
-from .methods import EmbeddingMerge
 
 
 def vision_position_ids(grid_h: int, grid_w: int, merge: int) -> np.ndarray:
@@ -86,7 +85,6 @@ class EncodedImage:
         return int(self.pixel_values.shape[0])
 
 
-@register_runtime("qwen2_vl")
 class Qwen2VLRuntime(EmbeddingMerge):
     """The Qwen2-VL hooks of the generic pipeline (Method A, see methods.py)."""
 

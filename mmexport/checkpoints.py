@@ -1,124 +1,25 @@
-"""What every family adapter provides, and the checkpoint-source resolution they share.
+"""Where a build's weights come from, and what it is compared against.
 
-Export side only: this module may import torch (lazily, through the adapters).
+`resolve_source`: a recipe's synthetic checkpoint (made once into the cache), a local Hugging Face
+directory, or a Hub id; `weights_digest`: the identity of the exported weights; `reference_checkpoint`:
+the checkpoint verify and bench compare a build with. Export side only (torch is imported lazily).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError
-from ..runtime.manifest import sha256_file
-from ..recipes import Recipe
-from ..spec import ComponentSpec, Dim, TensorSpec
+from .errors import UserError
+from .recipes import Recipe
+from .runtime.manifest import sha256_file
 from .synthetic import synthetic_dir
 
-
-@dataclass
-class ExportComponent:
-    """A component ready for export: its declaration, the torch module and example inputs.
-
-    `example` is keyed by the spec's input names; its dynamic sizes are never 0 or 1 (those would be
-    specialized by the tracer) and differ from the sizes verify later feeds.
-    """
-
-    spec: ComponentSpec
-    module: Any  # torch.nn.Module
-    example: dict[str, Any]  # name -> torch.Tensor
-
-
-@dataclass
-class StaticKVCache:
-    """The decoder's static KV cache, declared once for every family that uses torch_ops.attend_with_cache.
-
-    The runtime preallocates `cache_key_i/cache_value_i [batch, kv_heads, capacity, head_dim]` and
-    `cache_mask [batch, capacity]` once (capacity = the recipe's context) and writes each step's new
-    keys/values in place. The graph's cache axis `cache_len` takes two sizes: the whole buffer
-    (`capacity`: decode, and any prefill after cached tokens; a fixed shape, as TensorRT and CUDA graphs
-    like) or 0 (the first prefill of a request, when the cache is empty: the runtime passes zero-length
-    views, so the prompt attends only to itself instead of to `capacity` masked slots). Each is a
-    TensorRT optimization profile.
-    """
-
-    layers: list[int]  # layer indices that have a self-attention cache
-    kv_heads: int
-    head_dim: int
-    capacity: int
-    dtype: str = "float32"
-
-    def inputs(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        """(cache_mask, then the cache buffers) as two lists: families place other inputs between them."""
-        mask = [TensorSpec("cache_mask", "int64", ("batch", "cache_len"), "1 = cache slot filled")]
-        cache = [
-            TensorSpec(f"cache_{kind}_{i}", self.dtype, ("batch", self.kv_heads, "cache_len", self.head_dim),
-                       "preallocated at the context's capacity, updated in place by the runtime; 0 slots = empty")
-            for i in self.layers for kind in ("key", "value")
-        ]
-        return mask, cache
-
-    def outputs(self) -> list[TensorSpec]:
-        return [
-            TensorSpec(f"{kind}_{i}", self.dtype, ("batch", self.kv_heads, "seq_len", self.head_dim), "this step's keys/values")
-            for i in self.layers for kind in ("key", "value")
-        ]
-
-    def dims(self) -> dict[str, Dim]:
-        return {"cache_len": Dim("cache_len", 0, self.capacity, self.capacity)}
-
-    def profiles(self) -> dict[str, dict[str, Dim]]:
-        """The decoder's TensorRT profiles: prefill (any prompt length, empty or full cache), decode (static)."""
-        ctx = self.capacity
-        return {
-            "prefill": {"seq_len": Dim("seq_len", 1, min(256, ctx), ctx), "cache_len": Dim("cache_len", 0, 0, ctx)},
-            "decode": {"seq_len": Dim("seq_len", 1, 1, 1), "cache_len": Dim("cache_len", ctx, ctx, ctx)},
-        }
-
-
-class FamilyAdapter:
-    """Base class of the family adapters (see mmexport/models/__init__.py)."""
-
-    family: str = ""
-    model_types: tuple[str, ...] = ()  # accepted config.json `model_type` values
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def make_synthetic(self, recipe: Recipe, out_dir: Path) -> None:
-        raise NotImplementedError
-
-    def check_checkpoint(self, model_dir: Path) -> dict[str, Any]:
-        """config.json of `model_dir`, after checking it is of this family's architecture."""
-        cfg_path = model_dir / "config.json"
-        if not cfg_path.is_file():
-            raise UserError(f"{model_dir}: not a Hugging Face checkpoint (no config.json)")
-        cfg = json.loads(cfg_path.read_text())
-        mt = cfg.get("model_type")
-        if mt not in self.model_types:
-            raise UserError(
-                f"{model_dir}: checkpoint architecture {mt!r} does not match recipe family {self.family!r} "
-                f"(expects model_type {' or '.join(self.model_types)})"
-            )
-        return cfg
-
-    def load(self, model_dir: Path):
-        raise NotImplementedError
-
-    # -- export --------------------------------------------------------------------------------
-    def specs(self, model, recipe: Recipe, model_dir: Path) -> list[ComponentSpec]:
-        """The declaration of every component (drives export, manifest, engines, runtime, verify)."""
-        raise NotImplementedError
-
-    def components(self, model, recipe: Recipe, model_dir: Path) -> list[ExportComponent]:
-        """`specs` paired with torch modules and example inputs."""
-        raise NotImplementedError
-
-    def runtime_config(self, model, model_dir: Path, recipe: Recipe) -> dict[str, Any]:
-        """What the torch-free runtime needs (goes into manifest.json under "model")."""
-        raise NotImplementedError
+if TYPE_CHECKING:
+    from .families.base import FamilyAdapter
 
 
 def resolve_source(recipe: Recipe, model_override: str | None, adapter: FamilyAdapter, log=print) -> tuple[Path, dict]:
@@ -184,8 +85,8 @@ def reference_checkpoint(manifest_data: dict[str, Any], model: str | None, log=p
     """What a build is compared against (verify, bench --vs-pytorch): `--model`, else the local or Hub
     directory the build was exported from, else the recipe's own source. Returns the build's recipe,
     its family adapter, the checkpoint directory and whether its weights are the ones exported."""
-    from ..recipes import parse_recipe
-    from . import get_adapter
+    from .families import get_adapter
+    from .recipes import parse_recipe
 
     recipe = parse_recipe(manifest_data["recipe"], manifest_data["recipe"].get("name", "recipe"))
     adapter = get_adapter(manifest_data["family"])
@@ -230,3 +131,22 @@ def memoized_from_pretrained():
     finally:
         for owner, name, orig in patched:
             setattr(owner, name, orig)
+
+
+def checkpoint_build_recipe(arg: str, max_context: int | None = None, max_images: int | None = None) -> Recipe:
+    """The recipe for `mmexport build CHECKPOINT`: a local Hugging Face directory or a Hub id (fetched), its
+    family detected from config.json's `model_type`, limits from the checkpoint and the options."""
+    from .families import family_for_model_type, get_adapter
+    from .families.base import read_config
+    from .recipes import checkpoint_recipe
+
+    p = Path(arg).expanduser()
+    if p.is_dir():
+        model_dir = p.resolve()
+    elif arg.startswith((".", "/", "~")) or arg.count("/") != 1:
+        raise UserError(f"{arg}: no such directory, recipe or Hugging Face id (org/name)")
+    else:
+        model_dir, _ = _download(arg, None)
+    cfg = read_config(model_dir)
+    fam = family_for_model_type(cfg.get("model_type"), where=arg)
+    return checkpoint_recipe(arg, model_dir, cfg, fam.name, get_adapter(fam.name).default_limits(cfg), max_context, max_images)

@@ -4,8 +4,7 @@ Image: a step-for-step re-implementation of transformers' PIL-backend processor
 `transformers.models.mllama.image_processing_pil_mllama.MllamaImageProcessorPil` (transformers 5.x), bit-for-bit
 the same pixel_values, aspect_ratio_ids, aspect_ratio_mask and num_tiles for one image:
 
-1. convert to RGB, compositing any transparency onto white (`image_transforms.convert_to_rgb`, shared with
-   `mmexport.runtime.image`);
+1. convert to RGB, compositing any transparency onto white (`imageops.to_rgb`);
 2. choose the tiled canvas: among all (rows, cols) tile grids with rows * cols <= max_image_tiles
    (`supported_aspect_ratios`), the one needing the smallest upscale, else the smallest downscale, ties broken
    by the smallest area (`get_optimal_tiled_canvas`);
@@ -22,7 +21,7 @@ Text: `cross_attention_token_mask` and `dense_cross_attention_mask` are the torc
 `processing_mllama.get_cross_attention_token_mask` / `convert_sparse_cross_attention_mask_to_dense` (for a batch
 of one sequence).
 
-Nothing here may import torch or transformers (see `mmexport.runtime`).
+Nothing here may import torch or transformers (the runtime is torch-free).
 """
 from __future__ import annotations
 
@@ -34,8 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from mmexport.errors import UserError
-from mmexport.runtime.image import _convert_to_rgb, _resize_array_with_pil, _triple
+from ...errors import UserError
+from ...runtime.imageops import ParamsDict, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, pad, rescale_normalize, resized_chw, split_tiles, triple
 
 __all__ = [
     "MllamaImageParams",
@@ -48,10 +47,8 @@ __all__ = [
     "dense_cross_attention_mask",
 ]
 
-# transformers.utils.constants.IMAGENET_STANDARD_MEAN / _STD: MllamaImageProcessorPil's class defaults.
-# (The released Llama 3.2 Vision checkpoints override them with the OpenAI CLIP values in preprocessor_config.json.)
-IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
-IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+# MllamaImageProcessorPil's class defaults are IMAGENET_STANDARD_MEAN / _STD (the released Llama 3.2 Vision
+# checkpoints override them with the OpenAI CLIP values in preprocessor_config.json).
 
 # MllamaImageProcessorPil's other class defaults.
 _DEFAULT_TILE_SIZE = 224
@@ -126,7 +123,7 @@ def get_image_size_fit_to_canvas(
 
 
 @dataclass(frozen=True)
-class MllamaImageParams:
+class MllamaImageParams(ParamsDict):
     """Everything `preprocess_mllama` needs; the knobs of MllamaImageProcessorPil.
 
     tile_size is the processor's size["height"] == size["width"] (560 for the released checkpoints). do_resize
@@ -194,46 +191,14 @@ class MllamaImageParams:
         return cls(
             tile_size=int(height),
             max_image_tiles=int(max_tiles),
-            image_mean=_triple(get("image_mean", IMAGENET_STANDARD_MEAN), "image_mean"),
-            image_std=_triple(get("image_std", IMAGENET_STANDARD_STD), "image_std"),
+            image_mean=triple(get("image_mean", IMAGENET_STANDARD_MEAN), "image_mean"),
+            image_std=triple(get("image_std", IMAGENET_STANDARD_STD), "image_std"),
             resample=int(get("resample", _DEFAULT_RESAMPLE)),
             do_rescale=bool(get("do_rescale", True)),
             rescale_factor=float(get("rescale_factor", 1 / 255)),
             do_normalize=bool(get("do_normalize", True)),
             do_convert_rgb=bool(get("do_convert_rgb", True)),
         )
-
-    def to_dict(self) -> dict:
-        """JSON-able (for manifest.json); `from_dict(p.to_dict()) == p`."""
-        return {
-            "tile_size": self.tile_size,
-            "max_image_tiles": self.max_image_tiles,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-            "resample": self.resample,
-            "do_rescale": self.do_rescale,
-            "rescale_factor": self.rescale_factor,
-            "do_normalize": self.do_normalize,
-            "do_convert_rgb": self.do_convert_rgb,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MllamaImageParams":
-        """Inverse of `to_dict`."""
-        try:
-            return cls(
-                tile_size=int(d["tile_size"]),
-                max_image_tiles=int(d["max_image_tiles"]),
-                image_mean=_triple(d["image_mean"], "image_mean"),
-                image_std=_triple(d["image_std"], "image_std"),
-                resample=int(d.get("resample", _DEFAULT_RESAMPLE)),
-                do_rescale=bool(d.get("do_rescale", True)),
-                rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-                do_normalize=bool(d.get("do_normalize", True)),
-                do_convert_rgb=bool(d.get("do_convert_rgb", True)),
-            )
-        except KeyError as e:
-            raise UserError(f"mllama image preprocessing parameters lack the key {e.args[0]!r}") from None
 
 
 @dataclass
@@ -270,39 +235,11 @@ def preprocess_mllama(image: Image.Image, params: MllamaImageParams) -> MllamaEn
     rows, cols = canvas_h // tile, canvas_w // tile
     new_h, new_w = get_image_size_fit_to_canvas(height, width, canvas_h, canvas_w, tile)
 
-    if params.do_convert_rgb:
-        rgb = _convert_to_rgb(image)
-        # Pillow resizes the uint8 RGB image; the same as transformers' np.array -> Image.fromarray round trip.
-        resized = np.array(rgb.resize((new_w, new_h), resample=params.resample))  # HWC uint8
-    else:
-        array = np.array(image)
-        if array.ndim == 2:
-            array = array[..., None]
-        resized = _resize_array_with_pil(array, new_h, new_w, params.resample)
-    chw = np.moveaxis(resized, -1, 0)
-
+    chw = resized_chw(image, new_h, new_w, params.resample, params.do_convert_rgb)
     # MllamaImageProcessorPil.pad: bottom / right, constant 0, before rescale and normalize (dtype unchanged).
-    chw = np.pad(chw, ((0, 0), (0, canvas_h - new_h), (0, canvas_w - new_w)), mode="constant", constant_values=0)
-
-    if params.do_rescale:
-        # image_transforms.rescale: upcast to float64, scale, downcast to float32.
-        chw = (chw.astype(np.float64) * params.rescale_factor).astype(np.float32)
-    if params.do_normalize:
-        if chw.shape[0] != len(params.image_mean):
-            raise UserError(
-                f"image has {chw.shape[0]} channels but image_mean/image_std have {len(params.image_mean)} values; "
-                "enable do_convert_rgb"
-            )
-        if not np.issubdtype(chw.dtype, np.floating):
-            chw = chw.astype(np.float32)
-        mean = np.array(params.image_mean, dtype=chw.dtype)[:, None, None]
-        std = np.array(params.image_std, dtype=chw.dtype)[:, None, None]
-        chw = (chw - mean) / std
-
-    # split_to_tiles_np: (C, rows, tile, cols, tile) -> (rows, cols, C, tile, tile), row-major tile order.
+    chw = rescale_normalize(pad(chw, canvas_h, canvas_w), params)
+    tiles = split_tiles(chw, tile, tile)  # split_to_tiles_np: row-major tile order
     channels = chw.shape[0]
-    tiles = chw.reshape(channels, rows, tile, cols, tile).transpose(1, 3, 0, 2, 4)
-    tiles = tiles.reshape(rows * cols, channels, tile, tile)
 
     num_tiles = rows * cols
     pixel_values = np.zeros((max_tiles, channels, tile, tile), dtype=np.float32)  # pack_images

@@ -11,7 +11,7 @@ Components, each exported on its own:
                   every cross-attention layer [1, kv_heads, tiles, P, head_dim] (k_proj + k_norm, v_proj).
                   Runs once per request; no decode step touches vision or these projections again.
   embed_tokens    ids -> embeddings (the <|image|> token is an ordinary row of the table).
-  decoder         self-attention layers over a static KV cache (as Qwen2-VL's) and cross-attention layers that
+  decoder         the generic decoder's self-attention layers over the static KV cache and cross-attention layers that
                   read the cross K/V inputs, masked per text token and tile by `cross_attention_mask [B, S, tiles]`.
                   `has_image [B]` = 0 turns every cross-attention layer into the identity, which is what
                   transformers does for a text-only prompt (it skips those layers).
@@ -22,14 +22,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..recipes import Recipe
-from ..spec import ComponentSpec, Dim, TensorSpec
-from . import register
-from .base import ExportComponent, FamilyAdapter, StaticKVCache
-from .synthetic import LLAMA3_SPLIT, train_bpe_tokenizer
+from ...errors import UserError
+from ...recipes import Recipe
+from ...spec import ComponentSpec, Dim, TensorSpec
+from ...synthetic import LLAMA3_SPLIT, train_bpe_tokenizer
+from ..base import ExportComponent, FamilyAdapter, text_cache
+from .image import MllamaImageParams
+from .reference import MllamaReference
 
-CHAT_TEMPLATE_FILE = Path(__file__).resolve().parent.parent / "data" / "mllama_chat_template.jinja"
+CHAT_TEMPLATE_FILE = Path(__file__).resolve().parents[2] / "data" / "mllama_chat_template.jinja"
 
 # Llama 3.2 Vision's special tokens, in id order after the text vocabulary (the real checkpoint has
 # 256 of them, most reserved; the tiny one keeps those its template and generation use). <|image|>
@@ -50,24 +51,14 @@ SPECIAL_TOKENS = [
 IMAGE_TOKEN = "<|image|>"
 
 
-def _torch():
+def _modules():
+    """The torch wrappers (built lazily so importing this module needs no torch)."""
     import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    return torch
-
-
-# ---------------------------------------------------------------------------------------------
-# torch wrappers (built lazily so importing this module needs no torch)
-# ---------------------------------------------------------------------------------------------
-def _wrappers():
-    torch = _torch()
     from torch import nn
     from torch.nn import functional as F
-    from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb
 
-    from .torch_ops import NEG, EmbedTokens, attend_with_cache, cache_biases, cross_attend
+    from ..attention import NEG, cross_attend
+    from ..decoder import StaticCacheDecoder
 
     class VisionEncoder(nn.Module):
         """tiles [T, 3, H, W], aspect_ratio_id [1], aspect_ratio_mask [T] -> features [T, P, vision_output_dim].
@@ -119,16 +110,6 @@ def _wrappers():
             inter = torch.stack([kept[i] for i in self.layers_out], dim=-1).reshape(T, L, -1)[:, :P]
             return torch.cat([x, inter], dim=-1)
 
-    class Projector(nn.Module):
-        """features [T, P, vision_output_dim] -> states [T, P, hidden] (multi_modal_projector)."""
-
-        def __init__(self, proj):
-            super().__init__()
-            self.proj = proj
-
-        def forward(self, vision_hidden):
-            return self.proj(vision_hidden)
-
     class CrossKV(nn.Module):
         """states [tiles, P, hidden] -> per cross-attention layer key, value [1, kv, tiles, P, head_dim]."""
 
@@ -148,78 +129,63 @@ def _wrappers():
                 out += [k.reshape(shape), v.reshape(shape)]
             return tuple(out)
 
-    class Decoder(nn.Module):
-        """Llama text model with interleaved cross-attention layers over precomputed cross K/V.
+    class Decoder(StaticCacheDecoder):
+        """The generic decoder with mllama's cross-attention layers, which read precomputed cross K/V.
 
-        Inputs: inputs_embeds [B, S, H], position_ids [B, S], cache_mask [B, cache_len],
-        cross_attention_mask [B, S, tiles] (1 = this token attends that tile), has_image [B], then
-        cache_key_i/cache_value_i for every self-attention layer i and cross_key_j/cross_value_j for every
-        cross-attention layer j. Outputs: last-position logits and the new tokens' self-attention K/V.
+        Self-attention layers are transformers' own decoder layers (attention swapped for the static cache);
+        the cross-attention layers are written here: queries and q_norm from the checkpoint, keys/values from
+        the `cross_key_j / cross_value_j` inputs, masked per text token and tile by `cross_attention_mask
+        [B, S, tiles]`. A token that may see no tile attends all of them with bias 0 and its MLP output is
+        zeroed (transformers' full_text_row_masked_out_mask); `has_image [B]` = 0 turns every cross-attention
+        layer into the identity (transformers skips them for a text-only prompt).
         """
 
-        def __init__(self, lm, lm_head, patches: int):
-            super().__init__()
-            self.lm = lm
-            self.lm_head = lm_head
+        def __init__(self, spec, lm, lm_head, patches: int):
+            super().__init__(spec, lm, lm_head)
             self.patches = patches
-            cross = set(lm.cross_attention_layers)
-            self.kinds = ["cross" if i in cross else "self" for i in range(len(lm.layers))]
+            self.cross = set(lm.cross_attention_layers)
 
-        def forward(self, inputs_embeds, position_ids, cache_mask, cross_attention_mask, has_image, *kv):
-            h = inputs_embeds
+        def run_stack(self, x):
+            lm, h = self.text_model, x["inputs_embeds"]
             bsz, seq = h.shape[0], h.shape[1]
-            cos, sin = self.lm.rotary_emb(h, position_ids)
-            cache_bias, new_bias = cache_biases(cache_mask, seq)
-            # cross mask per tile -> per vision token; a token that may see no tile attends all of them
-            # with bias 0 and its MLP output is zeroed (transformers' full_text_row_masked_out_mask)
-            tiles = cross_attention_mask.shape[2]
-            allowed = cross_attention_mask.bool().unsqueeze(-1).expand(bsz, seq, tiles, self.patches)
-            allowed = allowed.reshape(bsz, 1, seq, tiles * self.patches)
+            position_ids = x["position_ids"]
+            cos_sin = lm.rotary_emb(h, position_ids)
+            cmask = x["cross_attention_mask"]
+            tiles = cmask.shape[2]
+            allowed = cmask.bool().unsqueeze(-1).expand(bsz, seq, tiles, self.patches).reshape(bsz, 1, seq, tiles * self.patches)
             row = allowed.any(dim=-1, keepdim=True).to(torch.float32)  # [B, 1, S, 1]
             cross_bias = torch.where(allowed, torch.zeros(()), torch.full((), NEG)) * row
-            gate = has_image.to(torch.float32).view(bsz, 1, 1)
-            n_self = self.kinds.count("self")
-            caches, crosses = kv[: 2 * n_self], kv[2 * n_self :]
-            si = ci = 0
-            new_kv = []
-            for kind, layer in zip(self.kinds, self.lm.layers):
+            gate = x["has_image"].to(torch.float32).view(bsz, 1, 1)
+            for i, layer in enumerate(lm.layers):
+                if i not in self.cross:
+                    h = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=cos_sin, cache=None, use_cache=False)
+                    h = h[0] if isinstance(h, tuple) else h
+                    continue
+                ca = layer.cross_attn
                 residual = h
-                x = layer.input_layernorm(h)
-                if kind == "self":
-                    att = layer.self_attn
-                    q = att.q_proj(x).view(bsz, seq, -1, att.head_dim).transpose(1, 2)
-                    k = att.k_proj(x).view(bsz, seq, -1, att.head_dim).transpose(1, 2)
-                    v = att.v_proj(x).view(bsz, seq, -1, att.head_dim).transpose(1, 2)
-                    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-                    new_kv += [k, v]
-                    o = attend_with_cache(q, k, v, caches[2 * si], caches[2 * si + 1], cache_bias, new_bias, att.scaling, att.num_key_value_groups)
-                    si += 1
-                    h = residual + att.o_proj(o)
-                    h = h + layer.mlp(layer.post_attention_layernorm(h))
-                else:
-                    ca = layer.cross_attn
-                    q = ca.q_norm(ca.q_proj(x).view(bsz, seq, ca.num_heads, ca.head_dim).transpose(1, 2))
-                    ck = crosses[2 * ci].reshape(bsz, ca.num_key_value_heads, -1, ca.head_dim)
-                    cv = crosses[2 * ci + 1].reshape(bsz, ca.num_key_value_heads, -1, ca.head_dim)
-                    ci += 1
-                    o = ca.o_proj(cross_attend(q, ck, cv, cross_bias, ca.scaling, ca.num_key_value_groups))
-                    h = residual + gate * (layer.cross_attn_attn_gate.tanh() * o)
-                    residual = h
-                    m = layer.mlp(layer.post_attention_layernorm(h)) * row[:, 0]
-                    h = residual + gate * (layer.cross_attn_mlp_gate.tanh() * m)
-            h = self.lm.norm(h[:, -1:, :])
-            return (self.lm_head(h), *new_kv)
+                q = ca.q_norm(ca.q_proj(layer.input_layernorm(h)).view(bsz, seq, ca.num_heads, ca.head_dim).transpose(1, 2))
+                ck = x[f"cross_key_{i}"].reshape(bsz, ca.num_key_value_heads, -1, ca.head_dim)
+                cv = x[f"cross_value_{i}"].reshape(bsz, ca.num_key_value_heads, -1, ca.head_dim)
+                o = ca.o_proj(cross_attend(q, ck, cv, cross_bias, ca.scaling))
+                h = residual + gate * (layer.cross_attn_attn_gate.tanh() * o)
+                residual = h
+                m = layer.mlp(layer.post_attention_layernorm(h)) * row[:, 0]
+                h = residual + gate * (layer.cross_attn_mlp_gate.tanh() * m)
+            return lm.norm(h)
 
-    return VisionEncoder, Projector, CrossKV, EmbedTokens, Decoder
+    return VisionEncoder, CrossKV, Decoder
 
 
-@register("mllama")
-class MllamaAdapter(FamilyAdapter):
-    model_types = ("mllama",)
+class MllamaAdapter(MllamaReference, FamilyAdapter):
+    model_class = "MllamaForConditionalGeneration"
+
+    def default_limits(self, config: dict[str, Any]) -> dict[str, int]:
+        return {"max_images": 1}  # Llama 3.2 Vision is trained and documented with one image per prompt
 
     # -- checkpoints ---------------------------------------------------------------------------
     def make_synthetic(self, recipe: Recipe, out_dir: Path) -> None:
-        torch = _torch()
+        import torch
+
         from transformers import GenerationConfig, MllamaConfig, MllamaForConditionalGeneration, PreTrainedTokenizerFast
         from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
@@ -264,16 +230,6 @@ class MllamaAdapter(FamilyAdapter):
             do_sample=False,
         ).save_pretrained(out_dir)
 
-    def load(self, model_dir: Path):
-        self.check_checkpoint(model_dir)
-        torch = _torch()
-        from transformers import MllamaForConditionalGeneration
-
-        model = MllamaForConditionalGeneration.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="eager", local_files_only=True
-        )
-        return model.eval()
-
     # -- declarations --------------------------------------------------------------------------
     @staticmethod
     def _sizes(model) -> dict[str, Any]:
@@ -290,19 +246,18 @@ class MllamaAdapter(FamilyAdapter):
             cross=cross,
             self_layers=[i for i in range(tc.num_hidden_layers) if i not in cross],
             kv_heads=tc.num_key_value_heads,
-            head_dim=tc.hidden_size // tc.num_attention_heads,
+            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
         )
 
     def specs(self, model, recipe: Recipe, model_dir: Path) -> list[ComponentSpec]:
         s = self._sizes(model)
         T, P, D, kv = s["tiles"], s["patches"], s["head_dim"], s["kv_heads"]
         ctx = recipe.limits.max_context
+        from ..decoder import decoder_spec, embed_spec
+
         f = "float32"
-        batch = Dim("batch", 1, 1, 1)
-        seq = Dim("seq_len", 1, min(64, ctx), ctx)
         tiles = Dim("cross_tiles", 1, T, recipe.limits.max_images * T)
-        cache = StaticKVCache(list(s["self_layers"]), kv, D, ctx)
-        mask_in, cache_in = cache.inputs()
+        cache = text_cache(model.config.text_config, ctx, s["self_layers"])
         cross_in, cross_out = [], []
         for j in s["cross"]:
             for kind in ("key", "value"):
@@ -332,60 +287,45 @@ class MllamaAdapter(FamilyAdapter):
                 dims={"cross_tiles": tiles},
                 doc="k_proj + k_norm and v_proj of every cross-attention layer, once per request",
             ),
-            ComponentSpec(
-                "embed_tokens",
-                inputs=(TensorSpec("input_ids", "int64", ("batch", "seq_len")),),
-                outputs=(TensorSpec("inputs_embeds", f, ("batch", "seq_len", s["hidden"])),),
-                dims={"batch": batch, "seq_len": seq},
-            ),
-            ComponentSpec(
-                "decoder",
-                inputs=(
-                    TensorSpec("inputs_embeds", f, ("batch", "seq_len", s["hidden"])),
-                    TensorSpec("position_ids", "int64", ("batch", "seq_len")),
-                    *mask_in,
+            embed_spec(s["hidden"], cache),
+            decoder_spec(
+                cache, s["hidden"], s["vocab"], positions="1d",
+                extra_inputs=(
                     TensorSpec("cross_attention_mask", "int64", ("batch", "seq_len", "cross_tiles"), "1 = token attends tile"),
                     TensorSpec("has_image", "int64", ("batch",), "0 = text-only: cross-attention layers are skipped"),
-                    *cache_in,
-                    *cross_in,
                 ),
-                outputs=(TensorSpec("logits", f, ("batch", 1, s["vocab"]), "last position only"), *cache.outputs()),
-                dims={"batch": batch, "seq_len": seq, "cross_tiles": tiles, **cache.dims()},
-                profiles=cache.profiles(),
+                trailing_inputs=tuple(cross_in),
+                extra_dims={"cross_tiles": tiles},
                 doc="Llama decoder: self-attention over a static KV cache, cross-attention over cross_kv's K/V",
             ),
         ]
 
     def components(self, model, recipe: Recipe, model_dir: Path) -> list[ExportComponent]:
-        torch = _torch()
-        VisionEncoder, Projector, CrossKV, EmbedTokens, Decoder = _wrappers()
+        import torch
+
+        from ..decoder import decoder_example
+        from ..parts import EmbedTokens, ModuleCall
+
+        VisionEncoder, CrossKV, Decoder = _modules()
         s = self._sizes(model)
-        T, P, D, kv = s["tiles"], s["patches"], s["head_dim"], s["kv_heads"]
+        T, P = s["tiles"], s["patches"]
         specs = {c.name: c for c in self.specs(model, recipe, model_dir)}
         g = torch.Generator().manual_seed(1234)
         lm = model.model.language_model
         # examples: a 2-tile image (aspect id 2), two images' tile slots (one if the recipe allows one),
-        # a 7-token step after 5 cached tokens
+        # a 7-token step after 5 cached tokens whose first two tokens see no image, the others all but one tile
         ar_mask = torch.zeros(T, dtype=torch.int64)
         ar_mask[: min(2, T)] = 1
-        tiles, seq, past, ctx = min(2, recipe.limits.max_images) * T, 7, 5, recipe.limits.max_context
-        cmask = torch.zeros(1, seq, tiles, dtype=torch.int64)
-        cmask[:, 2:, : tiles - 1] = 1  # the first two tokens see no image, the others all but one tile
-        mask = torch.zeros(1, ctx, dtype=torch.int64)
-        mask[:, :past] = 1
-        dec: dict[str, Any] = {
-            "inputs_embeds": torch.randn(1, seq, s["hidden"], generator=g),
-            "position_ids": torch.arange(past, past + seq).view(1, seq),
-            "cache_mask": mask,
+        tiles, seq = min(2, recipe.limits.max_images) * T, 7
+        batch = min(2, specs["decoder"].dims["batch"].max)
+        cmask = torch.zeros(batch, seq, tiles, dtype=torch.int64)
+        cmask[:, 2:, : tiles - 1] = 1
+        dec = decoder_example(specs["decoder"], seq=seq, overrides={
             "cross_attention_mask": cmask,
-            "has_image": torch.ones(1, dtype=torch.int64),
-        }
-        for i in s["self_layers"]:
-            for kind in ("key", "value"):
-                dec[f"cache_{kind}_{i}"] = torch.randn(1, kv, ctx, D, generator=g)
-        for j in s["cross"]:
-            for kind in ("key", "value"):
-                dec[f"cross_{kind}_{j}"] = torch.randn(1, kv, tiles, P, D, generator=g)
+            "has_image": torch.ones(batch, dtype=torch.int64),
+            **{f"cross_{kind}_{j}": torch.randn(batch, s["kv_heads"], tiles, P, s["head_dim"], generator=g)
+               for j in s["cross"] for kind in ("key", "value")},
+        })
         vm = model.model.vision_model
         return [
             ExportComponent(
@@ -397,20 +337,18 @@ class MllamaAdapter(FamilyAdapter):
                     "aspect_ratio_mask": ar_mask,
                 },
             ),
-            ExportComponent(specs["projector"], Projector(model.model.multi_modal_projector).eval(),
+            ExportComponent(specs["projector"], ModuleCall(model.model.multi_modal_projector).eval(),
                             {"vision_hidden": torch.randn(T, P, s["vision_out"], generator=g)}),
             ExportComponent(specs["cross_kv"], CrossKV([lm.layers[j] for j in s["cross"]]).eval(),
                             {"cross_states": torch.randn(tiles, P, s["hidden"], generator=g)}),
             ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(),
                             {"input_ids": torch.randint(0, s["vocab"], (1, seq), generator=g)}),
-            ExportComponent(specs["decoder"], Decoder(lm, model.lm_head, P).eval(), dec),
+            ExportComponent(specs["decoder"], Decoder(specs["decoder"], lm, model.lm_head, P).eval(), dec),
         ]
 
     # -- runtime configuration -----------------------------------------------------------------
     @staticmethod
-    def _preprocessor(model_dir: Path):
-        from ..runtime.mllama_image import MllamaImageParams
-
+    def _preprocessor(model_dir: Path) -> MllamaImageParams:
         p = model_dir / "preprocessor_config.json"
         if not p.is_file():
             raise UserError(f"{model_dir}: no preprocessor_config.json (needed for image preprocessing)")
@@ -443,97 +381,3 @@ class MllamaAdapter(FamilyAdapter):
         }
 
 
-# ---------------------------------------------------------------------------------------------
-# PyTorch references for verify (transformers' own processor and model)
-# ---------------------------------------------------------------------------------------------
-def _reference_inputs(model, model_dir: Path, messages: list[dict[str, Any]], images: list[Any]) -> dict[str, Any]:
-    """MllamaProcessor's output for the chat-rendered prompt (tokenizer + PIL image processor)."""
-    from transformers import AutoTokenizer, MllamaProcessor
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
-
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    proc = MllamaProcessor(image_processor=MllamaImageProcessorPil.from_pretrained(model_dir, local_files_only=True), tokenizer=tok)
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # the template already starts with <|begin_of_text|>; the processor must not add another
-    return dict(proc(images=[list(images)] if images else None, text=text, return_tensors="pt", add_special_tokens=False))
-
-
-def _reference_outputs(model, inputs: dict[str, Any]) -> dict[str, Any]:
-    torch = _torch()
-    ids = inputs["input_ids"]
-    ref: dict[str, Any] = {"input_ids": ids[0].numpy()}
-    lm = model.model.language_model
-    cross = list(lm.cross_attention_layers)
-    with torch.no_grad():
-        ref["embed_tokens"] = lm.embed_tokens(ids).numpy()
-        out = model(**inputs, use_cache=True)
-        ref["logits"] = out.logits[0, -1].numpy()
-        if "pixel_values" in inputs:
-            pv, ar_ids, ar_mask = inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"]
-            n = pv.shape[1]
-            ref["pixel_values"] = [pv[0, i].numpy() for i in range(n)]
-            ref["aspect_ratio_ids"] = ar_ids[0].numpy()
-            ref["aspect_ratio_mask"] = ar_mask[0].numpy()
-            feats = model.model.vision_model(pixel_values=pv, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask).last_hidden_state
-            ref["vision_encoder"] = [feats[0, i].numpy() for i in range(n)]
-            states = model.model.multi_modal_projector(feats)  # [1, n, T, P, hidden]
-            ref["projector"] = [states[0, i].numpy() for i in range(n)]
-            ref["cross_states"] = states[0].reshape(-1, states.shape[-2], states.shape[-1]).numpy()
-            ref["cross_attention_mask"] = inputs["cross_attention_mask"][0].numpy()  # [S, n, T]
-            # the cross K/V transformers itself cached in each cross-attention layer during that forward
-            P = states.shape[-2]
-            for j in cross:
-                layer = out.past_key_values.layers[j]
-                kvh, _, d = layer.keys.shape[1:]
-                ref[f"cross_key_{j}"] = layer.keys.reshape(1, kvh, -1, P, d).numpy()
-                ref[f"cross_value_{j}"] = layer.values.reshape(1, kvh, -1, P, d).numpy()
-    return ref
-
-
-def _reference_generate(model, inputs: dict[str, Any], n: int) -> list[int]:
-    torch = _torch()
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
-
-
-def _verify_components(pipe, prep, ref: dict[str, Any], case: str, tol_for) -> list:
-    """Each exported component on the reference's own inputs, so errors do not compound."""
-    import numpy as np
-
-    from ..runtime.methods import CrossState
-    from ..runtime.pipeline import KVCache
-    from ..verify import Check, compare, component_tol
-
-    out = []
-    for i, img in enumerate(prep.images):
-        tag = f"{case}[{i}]"
-        out.append(compare(tag, "preprocess", img.pixel_values, ref["pixel_values"][i], 1e-5, 0.999999))
-        same = img.aspect_ratio_id == int(ref["aspect_ratio_ids"][i]) and np.array_equal(img.aspect_ratio_mask, ref["aspect_ratio_mask"][i])
-        out.append(Check(tag, "tiles", same, f"aspect ratio id {img.aspect_ratio_id}, {img.num_tiles} tile(s): "
-                         + ("identical to transformers" if same else f"transformers: id {int(ref['aspect_ratio_ids'][i])}")))
-        feats = pipe.runners["vision_encoder"].infer(pipe.family.vision_feeds(img))["vision_hidden"]
-        out.append(compare(tag, "vision_encoder", feats, ref["vision_encoder"][i], *component_tol(tol_for("vision_encoder"))))
-        states = pipe.runners["projector"].infer({"vision_hidden": ref["vision_encoder"][i].astype(np.float32)})["image_states"]
-        out.append(compare(tag, "projector", states, ref["projector"][i], *component_tol(tol_for("projector"))))
-    out.append(compare(case, "embed_tokens", pipe.embed(prep.input_ids), ref["embed_tokens"], *component_tol(tol_for("embed_tokens"))))
-    if prep.images:
-        kv = pipe.runners["cross_kv"].infer({"cross_states": ref["cross_states"].astype(np.float32)})
-        for name in sorted(kv):
-            out.append(compare(case, f"cross_kv {name}", kv[name], ref[name], *component_tol(tol_for("cross_kv"))))
-        ours_mask = pipe.family._mask(prep, CrossState({}, ref["cross_states"].shape[0], True))
-        same = np.array_equal(ours_mask, ref["cross_attention_mask"].reshape(len(prep.input_ids), -1))
-        out.append(Check(case, "cross-attention mask", same, "identical to transformers" if same else "differs from transformers"))
-        state = CrossState({k: ref[k].astype(np.float32) for k in kv}, ref["cross_states"].shape[0], True)
-    else:
-        state = pipe.encode_images([])
-    logits = pipe.decoder_step(ref["embed_tokens"].astype(np.float32), pipe.family.prefill_feeds(prep, state), KVCache(pipe.specs["decoder"]))
-    t = tol_for("decoder")
-    out.append(compare(case, "decoder", logits, ref["logits"], t.logits_max_abs, t.component_min_cosine))
-    return out
-
-
-MllamaAdapter.reference_inputs = staticmethod(_reference_inputs)
-MllamaAdapter.reference_outputs = staticmethod(_reference_outputs)
-MllamaAdapter.reference_generate = staticmethod(_reference_generate)
-MllamaAdapter.verify_components = staticmethod(_verify_components)

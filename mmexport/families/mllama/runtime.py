@@ -1,4 +1,4 @@
-"""Llama 3.2 Vision's host-side logic, torch-free: tiling preprocessing (mllama_image.py), plain 1D
+"""Llama 3.2 Vision's host-side logic, torch-free: tiling preprocessing (image.py), plain 1D
 positions, and the per-token, per-tile cross-attention mask that MllamaProcessor builds.
 
 Method B (methods.CrossAttention): one `<|image|>` token per image stays in the prompt; the decoder's
@@ -10,13 +10,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import UserError
-from .families import register_runtime
-from .methods import CrossAttention
-from .mllama_image import MllamaEncodedImage, MllamaImageParams, cross_attention_token_mask, dense_cross_attention_mask, preprocess_mllama
+from ...errors import UserError
+from ...runtime.methods import CrossAttention
+from .image import MllamaEncodedImage, MllamaImageParams, cross_attention_token_mask, dense_cross_attention_mask, preprocess_mllama
 
 
-@register_runtime("mllama")
 class MllamaRuntime(CrossAttention):
     def __init__(self, model_cfg: dict[str, Any]):
         self.image_params = MllamaImageParams.from_dict(model_cfg["image"])

@@ -1,0 +1,185 @@
+"""Image operations every family's preprocessing composes (numpy + Pillow; no torch).
+
+Each mirrors the transformers function of the same role (`image_transforms` / the PIL image processors of
+transformers 5.x) closely enough to give the same float32 pixels: RGB conversion compositing transparency
+onto white, resizing the uint8 image with Pillow, rescale in float64 then float32, normalize in float32,
+padding, centre crop, splitting into tiles and patchifying. Families (mmexport/families/*/image.py) build
+their processors from these; tests compare each family's result with transformers' own processor.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, fields
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UserError
+
+# transformers.utils.constants
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def triple(value: Any, name: str) -> tuple[float, float, float]:
+    """A per-channel constant as a 3-tuple of floats; a scalar applies to all three channels."""
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise UserError(f"{name} must have 3 values (one per RGB channel), got {len(values)}")
+    return values  # type: ignore[return-value]
+
+
+class ParamsDict:
+    """`to_dict` / `from_dict` for a frozen dataclass of a processor's knobs (manifest.json's "image" table):
+    tuples become lists; reading coerces each value to its field's type (int, float, bool, or a per-channel
+    triple) and names a missing key in one line; only the knobs in `optional` may be absent (older manifests)."""
+
+    optional: tuple[str, ...] = ("resample", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name not in d:
+                if f.default is MISSING or f.name not in cls.optional:
+                    raise UserError(f"image preprocessing parameters lack the key {f.name!r}")
+                continue
+            kind = str(f.type)
+            value = d[f.name]
+            kwargs[f.name] = (triple(value, f.name) if kind.startswith("tuple") else bool(value) if kind == "bool"
+                              else int(value) if kind == "int" else float(value) if kind == "float" else value)
+        return cls(**kwargs)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """transformers.image_transforms.convert_to_rgb: composite transparency (an alpha band or a `transparency`
+    entry, as in palette / grayscale PNGs and GIFs) onto white, then RGB."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_array_with_pil(array: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """transformers.image_transforms.resize for a channels-last array: through a uint8 PIL image and back.
+
+    Only reached with do_convert_rgb=False and a non-RGB input; an RGB uint8 image is resized directly.
+    Returns channels-last, with the channel axis kept even for one channel.
+    """
+    do_rescale = False  # _rescale_for_pil_conversion
+    if array.dtype != np.uint8:
+        if np.allclose(array, array.astype(int)):
+            if not (np.all(array >= 0) and np.all(array <= 255)):
+                raise UserError(f"image values outside [0, 255] ([{array.min()}, {array.max()}]) cannot be resized; "
+                                "enable do_convert_rgb")
+        elif np.all(array >= 0) and np.all(array <= 1):
+            do_rescale = True
+        else:
+            raise UserError(f"image values outside [0, 1] ([{array.min()}, {array.max()}]) cannot be resized; "
+                            "enable do_convert_rgb")
+    squeezed = np.squeeze(array, axis=-1) if array.shape[-1] == 1 else array
+    if do_rescale:
+        squeezed = (squeezed.astype(np.float64) * 255).astype(np.float32)
+    pil = Image.fromarray(squeezed.astype(np.uint8))
+    out = np.array(pil.resize((width, height), resample=resample))
+    if out.ndim == 2:
+        out = out[..., None]
+    if do_rescale:
+        out = (out.astype(np.float64) * (1 / 255)).astype(np.float32)
+    return out
+
+
+def resized_chw(image: Image.Image, height: int, width: int, resample: int, convert_rgb: bool = True) -> np.ndarray:
+    """The image converted to RGB (when asked) and resized by Pillow to (height, width): CHW, uint8 for an RGB
+    image (Pillow resizes the uint8 image, as transformers' np.array -> Image.fromarray round trip does)."""
+    if convert_rgb:
+        resized = np.array(to_rgb(image).resize((width, height), resample=resample))  # HWC uint8
+    else:
+        array = np.array(image)
+        if array.ndim == 2:
+            array = array[..., None]
+        resized = resize_array_with_pil(array, height, width, resample)
+    return np.moveaxis(resized, -1, 0)
+
+
+def image_chw(image: Image.Image, convert_rgb: bool = True) -> np.ndarray:
+    """The image as a CHW array (RGB when asked), not resized."""
+    array = np.array(to_rgb(image) if convert_rgb else image)
+    if array.ndim == 2:
+        array = array[..., None]
+    return np.moveaxis(array, -1, 0)
+
+
+def rescale(chw: np.ndarray, factor: float) -> np.ndarray:
+    """image_transforms.rescale: upcast to float64, scale, downcast to float32."""
+    return (chw.astype(np.float64) * factor).astype(np.float32)
+
+
+def normalize(chw: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(x - mean) / std per channel, in the array's float dtype (float32 after `rescale`)."""
+    if chw.shape[0] != len(mean):
+        raise UserError(f"image has {chw.shape[0]} channels but image_mean/image_std have {len(mean)} values; enable do_convert_rgb")
+    if not np.issubdtype(chw.dtype, np.floating):
+        chw = chw.astype(np.float32)
+    m = np.array(mean, dtype=chw.dtype)[:, None, None]
+    s = np.array(std, dtype=chw.dtype)[:, None, None]
+    return (chw - m) / s
+
+
+def rescale_normalize(chw: np.ndarray, params: Any) -> np.ndarray:
+    """`rescale` then `normalize` as a processor's do_rescale / rescale_factor / do_normalize / image_mean /
+    image_std say (any object with those attributes)."""
+    if params.do_rescale:
+        chw = rescale(chw, params.rescale_factor)
+    if params.do_normalize:
+        chw = normalize(chw, params.image_mean, params.image_std)
+    return chw
+
+
+def pad(chw: np.ndarray, height: int, width: int, value: float = 0, center: bool = False) -> np.ndarray:
+    """Pad CHW to (height, width) with a constant: bottom/right, or evenly on both sides (`center`, the extra
+    pixel at the bottom/right as transformers' `pad` with symmetric padding does)."""
+    dh, dw = height - chw.shape[1], width - chw.shape[2]
+    if dh < 0 or dw < 0:
+        raise ValueError(f"cannot pad {chw.shape[1]}x{chw.shape[2]} to {height}x{width}")
+    top, left = (dh // 2, dw // 2) if center else (0, 0)
+    return np.pad(chw, ((0, 0), (top, dh - top), (left, dw - left)), mode="constant", constant_values=value)
+
+
+def center_crop(chw: np.ndarray, height: int, width: int) -> np.ndarray:
+    """image_transforms.center_crop for a crop no larger than the image."""
+    h, w = chw.shape[1:]
+    top = (h - height) // 2
+    left = (w - width) // 2
+    return chw[:, top:top + height, left:left + width]
+
+
+def split_tiles(chw: np.ndarray, tile_h: int, tile_w: int) -> np.ndarray:
+    """CHW -> [rows * cols, C, tile_h, tile_w], tiles in row-major order (the image must be whole tiles)."""
+    c, h, w = chw.shape
+    rows, cols = h // tile_h, w // tile_w
+    return chw.reshape(c, rows, tile_h, cols, tile_w).transpose(1, 3, 0, 2, 4).reshape(rows * cols, c, tile_h, tile_w)
+
+
+def patchify_merge_blocks(chw: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int = 1) -> np.ndarray:
+    """CHW float32 -> [grid_h * grid_w, C * T * P * P]: patches in merge-block order (merge_size x merge_size
+    neighbouring patches consecutive, as Qwen2-VL's processors emit them), each patch repeated
+    `temporal_patch_size` times along the temporal axis (a still image is a one-frame video)."""
+    image = np.asarray(chw, dtype=np.float32)
+    channel, height, width = image.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    patches = image.reshape(channel, grid_h // merge_size, merge_size, patch_size, grid_w // merge_size, merge_size, patch_size)
+    patches = np.transpose(patches, (1, 4, 2, 5, 0, 3, 6))  # (gh, gw, mh, mw, C, ph, pw)
+    patches = np.broadcast_to(patches[:, :, :, :, :, None, :, :], (*patches.shape[:5], temporal_patch_size, *patches.shape[5:]))
+    return np.ascontiguousarray(patches.reshape(grid_h * grid_w, channel * temporal_patch_size * patch_size * patch_size), dtype=np.float32)

@@ -69,6 +69,7 @@ class VerifyReport:
     checks: list[Check] = field(default_factory=list)
     task: Any = None  # taskeval.TaskResult when a task was evaluated
     seconds: float = 0.0
+    not_recorded: str | None = None  # why DIR/verify.json could not be written (read-only directory, full disk)
 
     @property
     def failures(self) -> list[str]:
@@ -142,6 +143,7 @@ def verify(
     log: Callable[[str], None] = print,
 ) -> VerifyReport:
     """`task`: "auto" evaluates the recipe's [task] (if it declares one), "none" skips it, or a task name."""
+    from .artifact.files import atomic_write
     from .models.base import reference_checkpoint
     from .runtime.image import load_image
     from .taskeval import TaskGate, evaluate_task, load_task
@@ -215,7 +217,11 @@ def verify(
         report.task = evaluate_task(pipe, torch_model, adapter, model_dir, gate, recipe.limits.max_new_tokens, log=log)
     pipe.close()
     report.seconds = time.perf_counter() - t0
-    (Path(artifacts) / "verify.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    record = Path(artifacts) / "verify.json"
+    try:  # exclusive temporary file + rename: never written through a symbolic link
+        atomic_write(record, json.dumps(report.to_dict(), indent=2) + "\n")
+    except OSError as e:  # the result still counts and is printed; the CLI says it was not recorded
+        report.not_recorded = f"{record} not written ({e.strerror or e}); the result above was not recorded"
     return report
 
 

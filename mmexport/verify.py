@@ -144,6 +144,7 @@ def verify(
 ) -> VerifyReport:
     """`task`: "auto" evaluates the recipe's [task] (if it declares one), "none" skips it, or a task name."""
     from .artifact.files import atomic_write
+    from .export.preflight import check_checkpoint_files
     from .models.base import reference_checkpoint
     from .runtime.image import load_image
     from .taskeval import TaskGate, evaluate_task, load_task
@@ -155,6 +156,7 @@ def verify(
     pipe = Pipeline(artifacts, backend=backend, rehash=True)  # verify reads every file, whatever .verified.json says
     m = pipe.manifest
     recipe, adapter, model_dir, same_weights = reference_checkpoint(m.data, model, log=log)
+    check_checkpoint_files(model_dir, adapter.check_checkpoint)  # a broken reference is one line, before loading it
     quant = m.data.get("quantization")
     scheme = quant["scheme"] if quant else m.data["precision"]
     tol = recipe.tolerance(scheme)  # end to end, and for quantized components

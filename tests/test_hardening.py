@@ -280,6 +280,24 @@ def test_onnx_external_data_cannot_point_outside(tiny_artifacts, tmp_path):
     one_line(cli("run", art, "--prompt", "hi", timeout=60), 2, "projector.onnx.data", "not one of the component's hashed data files")
 
 
+def test_engine_paths_in_engines_json_stay_inside(tmp_path):
+    from mmexport.errors import UserError
+    from mmexport.runtime.trt import EngineChoice
+
+    d = tmp_path / "art" / "engines" / "tensorrt-rtx-1.0"
+    d.mkdir(parents=True)
+    (d / "decoder.engine").write_bytes(b"engine")
+    (tmp_path / "secret.engine").write_bytes(b"not yours")
+    (d / "link.engine").symlink_to(tmp_path / "secret.engine")
+    choice = lambda rel: EngineChoice(None, d, {"components": {"decoder": {"engine": rel}}}, "decoder")
+    assert choice("decoder.engine").engine_path.read_bytes() == b"engine"
+    for rel, need in (("../../../secret.engine", "'..'"), (str(tmp_path / "secret.engine"), "absolute path"),
+                      ("link.engine", "leads outside"), (None, "expected a relative path")):
+        with pytest.raises(UserError, match=need.replace("(", r"\(")) as e:
+            choice(rel).engine_path
+        assert "components.decoder.engine" in str(e.value)
+
+
 def test_onnx_scanner_finds_every_external_reference_onnx_finds(tmp_path):
     """The protobuf-free scan against the onnx package's own traversal, on a model with external data in
     initializers, a Constant's attribute tensor, an If's subgraphs, a sparse initializer and a function."""
@@ -553,6 +571,12 @@ def test_bad_checkpoints_are_found_before_the_export(tiny_checkpoint, tmp_path, 
     p = cli("build", "qwen2-vl-2b", "--model", ck, "--out", tmp_path / "out", "--precision", "fp32")
     one_line(p, 2, need)
     assert sorted(x.name for x in tmp_path.iterdir()) == [case]
+
+
+def test_a_broken_reference_checkpoint_for_verify_is_one_line(tiny_artifacts, tiny_checkpoint, tmp_path):
+    ck = _checkpoint_variant(tiny_checkpoint, tmp_path, "truncated")
+    one_line(cli("verify", tiny_artifacts, "--model", ck, "--task", "none"), 2, "truncated safetensors file")
+    assert not (tmp_path / "truncated" / "verify.json").exists()
 
 
 def test_checkpoint_checks_import_no_torch(tiny_checkpoint):

@@ -165,12 +165,14 @@ def test_force_replaces_an_artifact_but_not_one_holding_user_files(tiny_artifact
     assert (art / "onnx" / "my-notes.txt").read_text() == "precious"
     (art / "onnx" / "my-notes.txt").unlink()
     (art / "verify.json").write_text("{}")  # mmexport's own files are part of the artifact
+    (art / "engines" / "tensorrt-rtx-1.0").mkdir(parents=True)
+    (art / "engines" / "tensorrt-rtx-1.0" / "decoder.engine").write_bytes(b"engine")
     old = json.loads((art / "manifest.json").read_text())["created"]
     time.sleep(1.1)
     p = cli("build", "qwen2-vl-tiny", "--out", art, "--force", "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads((art / "manifest.json").read_text())["created"] != old
-    assert not (art / "verify.json").exists()
+    assert not (art / "verify.json").exists() and not (art / "engines").exists()
     assert sorted(x.name for x in tmp_path.iterdir()) == ["art"]  # no lock, staging or replaced directory left
 
 
@@ -346,6 +348,7 @@ def test_nothing_is_written_through_a_symlink(tiny_artifacts, tmp_path):
     victim2.write_text("precious 2")
     (art / ".verified.json").unlink()
     (art / ".verified.json").symlink_to(victim1)
+    (art / "verify.json").unlink(missing_ok=True)  # the session's artifact may have been verified already
     (art / "verify.json").symlink_to(victim2)
     assert cli("run", art, "--prompt", "hi", "--max-new-tokens", "2").returncode == 0  # a copy: hashes, then records them
     p = cli("verify", art, "--json", "--tokens", "2", "--task", "none")
@@ -423,6 +426,9 @@ def test_manifest_is_validated_as_a_whole(tiny_artifacts, tmp_path, change, need
 
 
 def test_manifest_schema_error_through_the_cli_and_a_bad_model_section(tiny_artifacts, tmp_path):
+    art0 = copy_artifact(tiny_artifacts, tmp_path / "art0")
+    edit_manifest(art0, lambda m: m["components"].pop("decoder"))
+    one_line(cli("run", art0, "--prompt", "hi"), 2, "components: no decoder")
     art = copy_artifact(tiny_artifacts, tmp_path / "art")
     edit_manifest(art, lambda m: m.update(schema_version="1"))
     one_line(cli("inspect", art), 2, "manifest.json: schema_version: expected an integer")
@@ -604,6 +610,7 @@ def test_engines_without_any_tensorrt_is_refused_before_the_export(cache_dir, tm
 # == Environment =============================================================================================
 def test_read_only_artifact_directory_verify_reports_and_still_prints(tiny_artifacts, tmp_path):
     src = copy_artifact(tiny_artifacts, tmp_path / "src" / "art")
+    (src / "verify.json").unlink(missing_ok=True)  # the session's artifact may have been verified already
     with mounted("bind-ro", tmp_path / "ro", source=src.parent) as ro:
         with pytest.raises(OSError):
             (ro / "art" / "probe").write_text("x")  # root, and still read-only: no bypass

@@ -128,7 +128,7 @@ SCHEMA = {
         "eos_token_ids": ListOf(NONNEG),
     },
     "model": OBJ,
-    "versions": Maybe(OBJ),
+    "versions": OBJ,
     "files": MapOf(SHA256, key=REL),
 }
 

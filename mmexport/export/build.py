@@ -1,15 +1,19 @@
 """`mmexport build`: recipe -> checkpoint -> components -> ONNX graphs -> artifact directory.
 
 The build writes into a temporary sibling directory and renames it into place at the very end, so a
-failed or interrupted build never leaves a directory that looks complete.
+failed or interrupted build never leaves a directory that looks complete. The destination is locked
+for the whole build, stale temporary directories of killed builds are removed, and `--force` replaces
+only an artifact or an empty directory (mmexport/artifact/destination.py). The checkpoint's files are
+checked before the model is loaded (export/preflight.py).
 """
 from __future__ import annotations
 
+import errno
 import json
 import platform
 import shutil
-import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,11 +21,13 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..errors import UserError
-from ..families import get_adapter
+from ..artifact.destination import Destination
 from ..checkpoints import resolve_source, weights_digest
+from ..families import get_adapter
 from ..recipes import Recipe
 from ..runtime.manifest import sha256_file, write_manifest
 from .onnx_export import export_component
+from .preflight import check_checkpoint_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -42,99 +48,123 @@ def build(
     force: bool = False,
     log: Callable[[str], None] = print,
     stage: Callable[[str], Any] | None = None,
+    destination: Destination | None = None,
 ) -> BuildResult:
-    """Export every component of `recipe` into `out_dir`. `stage(name)` is a context-manager factory for progress."""
+    """Export every component of `recipe` into `out_dir`. `stage(name)` is a context-manager factory for progress.
+    `destination`: an entered `Destination` for `out_dir` when the caller holds its lock for longer
+    (the CLI keeps it across `--engines`); by default the build takes it for itself."""
     t0 = time.perf_counter()
     stage = stage or _null_stage
     precision = precision or recipe.precision
     if precision not in recipe.tolerances:
         raise UserError(f"recipe {recipe.name} has no tolerances for precision {precision!r}")
     qcfg = _quant_config(recipe, quantize)
-    if out_dir.exists() and not force:
-        raise UserError(f"{out_dir} already exists; pass --force to replace it")
+    with (nullcontext(destination) if destination is not None else Destination(out_dir, force=force, log=log)) as dest:
+        try:
+            result = _build_into(dest, recipe, model, precision, qcfg, log, stage)
+        except OSError as e:
+            # writers below (numpy's tofile, onnx) may report a full disk without an errno; the free space says it
+            free = _free_bytes(dest.parent)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) or (e.errno is None and free is not None and free < (1 << 20)):
+                raise UserError(f"no space left on the device of {dest.parent} ({free} bytes free); "
+                                f"the build stopped and left nothing at {out_dir}") from None
+            raise
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _build_into(dest: Destination, recipe: Recipe, model: str | None, precision: str, qcfg: dict[str, Any] | None,
+                log: Callable[[str], None], stage: Callable[[str], Any]) -> BuildResult:
+    out_dir = dest.out_dir
     adapter = get_adapter(recipe.family)
 
     with stage("checkpoint"):
         model_dir, source = resolve_source(recipe, model, adapter, log=log)
-        adapter.check_checkpoint(model_dir)
+        check_checkpoint_files(model_dir, adapter.check_checkpoint)  # found now, not after minutes of export
         source["weights_sha256"] = weights_digest(model_dir)
     with stage("load"):
-        torch_model = adapter.load(model_dir)
+        try:
+            torch_model = adapter.load(model_dir)
+        except UserError:
+            raise
+        except Exception as e:  # transformers' word on a checkpoint it cannot load is about the user's files
+            msg = (str(e).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"{model_dir}: transformers cannot load this checkpoint ({type(e).__name__}: {msg})") from None
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    try:
-        (tmp / "onnx").mkdir()
-        files: list[str] = []
-        comps: dict[str, Any] = {}
-        result = BuildResult(out_dir)
-        for comp in adapter.components(torch_model, recipe, model_dir):
-            with stage(f"export {comp.spec.name}"):
-                t1 = time.perf_counter()
-                path = export_component(comp, tmp / "onnx", recipe.opset, log=log)
-                if precision == "fp16":
-                    from .precision import convert_fp16
+    tmp = dest.staging()
+    (tmp / "onnx").mkdir()
+    files: list[str] = []
+    comps: dict[str, Any] = {}
+    result = BuildResult(out_dir)
+    for comp in adapter.components(torch_model, recipe, model_dir):
+        with stage(f"export {comp.spec.name}"):
+            t1 = time.perf_counter()
+            path = export_component(comp, tmp / "onnx", recipe.opset, log=log)
+            if precision == "fp16":
+                from .precision import convert_fp16
 
-                    convert_fp16(path, comp.spec)
-                if qcfg and comp.spec.name in qcfg["components"]:
-                    from .quantize import quantize_component
+                convert_fp16(path, comp.spec)
+            if qcfg and comp.spec.name in qcfg["components"]:
+                from .quantize import quantize_component
 
-                    qcfg["report"][comp.spec.name] = quantize_component(
-                        path, qcfg["bits"], block_size=qcfg["block_size"], symmetric=qcfg["symmetric"],
-                        exclude_lm_head=not qcfg["lm_head"], quantize_embeddings=comp.spec.name == "embed_tokens",
-                        accuracy_level=qcfg["accuracy_level"],
-                    )
-                rel = [str(p.relative_to(tmp)) for p in sorted(path.parent.glob(path.name + "*"))]
-                files += rel
-                comps[comp.spec.name] = {
-                    "file": str(path.relative_to(tmp)),
-                    "data_files": [r for r in rel if r != str(path.relative_to(tmp))],
-                    "sha256": sha256_file(path),
-                    "spec": comp.spec.to_dict(),
-                }
-                size = sum((tmp / r).stat().st_size for r in rel)
-                result.components.append(
-                    {
-                        "component": comp.spec.name,
-                        "file": str(path.relative_to(tmp)),
-                        "bytes": size,
-                        "inputs": ", ".join(t.name for t in comp.spec.inputs[:3])
-                        + (f" +{len(comp.spec.inputs) - 3} more" if len(comp.spec.inputs) > 3 else ""),
-                        "seconds": round(time.perf_counter() - t1, 2),
-                    }
+                qcfg["report"][comp.spec.name] = quantize_component(
+                    path, qcfg["bits"], block_size=qcfg["block_size"], symmetric=qcfg["symmetric"],
+                    exclude_lm_head=not qcfg["lm_head"], quantize_embeddings=comp.spec.name == "embed_tokens",
+                    accuracy_level=qcfg["accuracy_level"],
                 )
-        with stage("tokenizer + manifest"):
-            tok = _copy_tokenizer(model_dir, tmp / "tokenizer")
-            files += tok.pop("files")
-            manifest = {
-                "mmexport_version": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "recipe": recipe.to_dict(),
-                "family": recipe.family,
-                "source": source,
-                "precision": precision,
-                "quantization": ({k: v for k, v in qcfg.items() if k != "report"} | {"components": qcfg["report"]}) if qcfg else None,
-                "opset": recipe.opset,
-                "limits": {
-                    "max_images": recipe.limits.max_images,
-                    "max_context": recipe.limits.max_context,
-                    "max_new_tokens": recipe.limits.max_new_tokens,
-                },
-                "components": comps,
-                "tokenizer": tok,
-                "model": adapter.runtime_config(torch_model, model_dir, recipe),
-                "versions": _versions(),
-                "files": files,
+            rel = [str(p.relative_to(tmp)) for p in sorted(path.parent.glob(path.name + "*"))]
+            files += rel
+            comps[comp.spec.name] = {
+                "file": str(path.relative_to(tmp)),
+                "data_files": [r for r in rel if r != str(path.relative_to(tmp))],
+                "sha256": sha256_file(path),
+                "spec": comp.spec.to_dict(),
             }
-            write_manifest(tmp, manifest)
-        _normal_permissions(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result.seconds = time.perf_counter() - t0
+            size = sum((tmp / r).stat().st_size for r in rel)
+            result.components.append(
+                {
+                    "component": comp.spec.name,
+                    "file": str(path.relative_to(tmp)),
+                    "bytes": size,
+                    "inputs": ", ".join(t.name for t in comp.spec.inputs[:3])
+                    + (f" +{len(comp.spec.inputs) - 3} more" if len(comp.spec.inputs) > 3 else ""),
+                    "seconds": round(time.perf_counter() - t1, 2),
+                }
+            )
+    with stage("tokenizer + manifest"):
+        tok = _copy_tokenizer(model_dir, tmp / "tokenizer")
+        files += tok.pop("files")
+        manifest = {
+            "mmexport_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "recipe": recipe.to_dict(),
+            "family": recipe.family,
+            "source": source,
+            "precision": precision,
+            "quantization": ({k: v for k, v in qcfg.items() if k != "report"} | {"components": qcfg["report"]}) if qcfg else None,
+            "opset": recipe.opset,
+            "limits": {
+                "max_images": recipe.limits.max_images,
+                "max_context": recipe.limits.max_context,
+                "max_new_tokens": recipe.limits.max_new_tokens,
+            },
+            "components": comps,
+            "tokenizer": tok,
+            "model": adapter.runtime_config(torch_model, model_dir, recipe),
+            "versions": _versions(),
+            "files": files,
+        }
+        _normal_permissions(tmp)  # before the hashes are recorded: chmod moves a file's ctime
+        write_manifest(tmp, manifest)
+    dest.install(tmp)
     return result
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def _quant_config(recipe: Recipe, quantize: str | None) -> dict[str, Any] | None:

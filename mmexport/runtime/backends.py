@@ -56,6 +56,29 @@ class Runner:
         self.deactivate()
 
 
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def check_graph_io(spec: ComponentSpec, path: Path, inputs: list, outputs: list) -> None:
+    """Refuse a graph whose inputs/outputs differ from its declaration (names, dtypes, ranks, fixed sizes),
+    when its session is created: one line naming the component, instead of an error mid-request.
+    `inputs`/`outputs`: (name, ONNX Runtime type string, shape) per graph tensor."""
+    for kind, declared, graph in (("input", spec.inputs, inputs), ("output", spec.outputs, outputs)):
+        got = {name: (_ORT_TYPES.get(t, t), list(shape or [])) for name, t, shape in graph}
+        want = {t.name: t for t in declared}
+        if set(got) != set(want):
+            missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+            raise UserError(f"{path}: component {spec.name}: the graph's {kind}s differ from its declaration "
+                            f"(missing {missing or 'none'}, unexpected {extra or 'none'}); the graph does not belong to this manifest, rebuild")
+        for name, t in want.items():
+            dtype, shape = got[name]
+            fixed_ok = all(not (isinstance(g, int) and isinstance(d, int)) or g == d for g, d in zip(shape, t.shape))
+            if dtype != t.dtype or len(shape) != len(t.shape) or not fixed_ok:
+                raise UserError(f"{path}: component {spec.name}: graph {kind} {name} is {dtype} {shape}, declared "
+                                f"{t.dtype} {list(t.shape)}; the graph does not belong to this manifest, rebuild")
+
+
 def ort_spinning() -> bool:
     """Whether ONNX Runtime's thread pools may spin between runs (MMEXPORT_ORT_SPINNING=1; off by default)."""
     return os.environ.get("MMEXPORT_ORT_SPINNING", "0") not in ("", "0")
@@ -88,7 +111,13 @@ class OrtRunner(Runner):
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         providers = self.providers or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+        except Exception as e:  # a corrupt or foreign graph is a problem of the artifact, not a crash
+            msg = (str(e).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"{self.path}: ONNX Runtime cannot load component {self.spec.name} ({msg}); rebuild") from None
+        check_graph_io(self.spec, self.path, [(i.name, i.type, i.shape) for i in self.session.get_inputs()],
+                       [(o.name, o.type, o.shape) for o in self.session.get_outputs()])
         self._outputs = [o.name for o in self.session.get_outputs()]
         return super().activate()
 

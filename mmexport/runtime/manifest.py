@@ -2,41 +2,64 @@
 
 It records the recipe, the source checkpoint, every component's declaration and files (with sha256),
 the tokenizer files and special tokens, preprocessing parameters, the family's runtime settings and
-the versions that produced it. Loading checks the schema version and every file's sha256, so a
-half-copied or edited artifact is refused with one line instead of producing garbage.
+the versions that produced it. Loading refuses, with one line, anything it cannot trust:
+- the manifest as a whole against its schema (runtime/manifest_schema.py: types, required keys,
+  the schema version as an integer), naming the bad key;
+- every path in it: relative, normalized, and inside the directory after following symbolic links
+  (artifact/paths.py); every file the runtime opens is in the hashed `files` list;
+- every component graph's external-data locations (read from the .onnx without the onnx package,
+  artifact/onnx_refs.py): each must be one of the component's hashed data files, so ONNX Runtime
+  never opens anything else;
+- every listed file's sha256, so a half-copied or edited artifact is refused instead of producing
+  garbage.
 
 Hashing gigabytes of weights on every start is slow on small devices (3 GB: 2.6-5.6 s here, more on
-a Jetson), so `.verified.json` next to the manifest remembers, per file, the size, mtime and inode it
-had when its sha256 last matched: a file unchanged since then is not read again. Copying, rewriting
-or replacing a file changes its mtime or inode and gets it hashed; `rehash=True` (what `mmexport
-verify` does) hashes everything regardless. The record is best effort: a directory that cannot be
-written is simply hashed every time.
+a Jetson), so `.verified.json` next to the manifest remembers, per file, what `stat` said when its
+sha256 last matched: size, mtime_ns, ctime_ns, inode and device. A file whose record still matches
+is not read again. Copying, rewriting or replacing a file changes its inode or ctime, and a user
+cannot set a file's ctime back (`touch` and `os.utime` set mtime, and doing so moves ctime), so an
+in-place edit with a restored mtime is hashed too. What the record cannot see: a change that
+bypasses the filesystem (silent disk corruption, a raw write to the block device). `rehash=True`
+(`mmexport verify`, `mmexport run --rehash`) hashes everything regardless. The record is best
+effort: a directory that cannot be written is hashed every time; it is read without following a
+symbolic link and written by exclusive create + rename (artifact/files.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from ..artifact.files import atomic_write, decode_utf8, open_checked, open_regular
+from ..artifact.onnx_refs import OnnxScanError, external_data_refs
+from ..artifact.paths import check_relpath, resolve_inside
 from ..errors import UserError
 from ..spec import ComponentSpec
+from .manifest_schema import SCHEMA_VERSION, validate_manifest
 
-SCHEMA_VERSION = 1
+__all__ = ["SCHEMA_VERSION", "MANIFEST", "VERIFIED", "Manifest", "sha256_file", "check_file_hashes", "load_manifest", "write_manifest"]
+
 MANIFEST = "manifest.json"
-VERIFIED = ".verified.json"  # {rel: {"stat": [size, mtime_ns, inode], "sha256": ...}}
+VERIFIED = ".verified.json"  # {rel: {"stat": [size, mtime_ns, ctime_ns, inode, device], "sha256": ...}}
+
+
+def _sha256_stream(f: BinaryIO, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    while True:
+        b = f.read(chunk)
+        if not b:
+            break
+        h.update(b)
+    return h.hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+        return _sha256_stream(f, chunk)
 
 
 @dataclass
@@ -53,7 +76,7 @@ class Manifest:
         return {n: ComponentSpec.from_dict(c["spec"]) for n, c in self.data["components"].items()}
 
     def component_file(self, name: str) -> Path:
-        return self.root / self.data["components"][name]["file"]
+        return self.path(self.data["components"][name]["file"])
 
     def component_sha256(self, name: str) -> str:
         return self.data["components"][name]["sha256"]
@@ -71,32 +94,42 @@ class Manifest:
         return self.data["tokenizer"]
 
     def path(self, rel: str) -> Path:
-        return self.root / rel
+        """root / rel, refused (UserError) if `rel` is not a normalized path inside the directory."""
+        return resolve_inside(self.root, rel, f"{self.root / MANIFEST}: {rel}")
+
+    def read_text(self, rel: str) -> str:
+        """A text file of the artifact (tokenizer, chat template), as UTF-8."""
+        return decode_utf8(_read_inside(self.root, rel), self.root / rel)
 
 
-def _stat_key(p: Path) -> list[int]:
-    st = p.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _open_inside(root: Path, rel: str) -> BinaryIO:
+    p = resolve_inside(root, rel, f"{root / MANIFEST}: files entry")
+    return open_checked(p, f"{root}: {rel}", missing=f"{root}: missing file {rel} (listed in {MANIFEST}); rebuild or copy it again")
+
+
+def _read_inside(root: Path, rel: str) -> bytes:
+    with _open_inside(root, rel) as f:
+        return f.read()
 
 
 def _read_verified(root: Path) -> dict[str, Any]:
     try:
-        data = json.loads((root / VERIFIED).read_text())
+        with open_regular(root / VERIFIED, nofollow=True) as f:
+            data = json.loads(f.read().decode("utf-8"))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):  # absent, a symbolic link, not a regular file, unreadable or corrupt: start afresh
         return {}
 
 
 def _write_verified(root: Path, record: dict[str, Any]) -> None:
-    tmp = root / (VERIFIED + ".tmp")
     try:
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-        tmp.replace(root / VERIFIED)
-    except OSError:  # read-only media: hash every time
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        atomic_write(root / VERIFIED, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    except OSError:  # read-only media, a full disk: hash every time
+        pass
 
 
 def check_file_hashes(root: Path, files: dict[str, str], rehash: bool = False) -> int:
@@ -105,14 +138,13 @@ def check_file_hashes(root: Path, files: dict[str, str], rehash: bool = False) -
     hashed = 0
     changed = False
     for rel, want in files.items():
-        p = root / rel
-        if not p.is_file():
-            raise UserError(f"{root}: missing file {rel} (listed in {MANIFEST}); rebuild or copy it again")
-        key = _stat_key(p)
-        if not rehash and record.get(rel) == {"stat": key, "sha256": want}:
-            continue
-        hashed += 1
-        if sha256_file(p) != want:
+        with _open_inside(root, rel) as f:
+            key = _stat_key(os.fstat(f.fileno()))
+            if not rehash and record.get(rel) == {"stat": key, "sha256": want}:
+                continue
+            hashed += 1
+            got = _sha256_stream(f)
+        if got != want:
             record.pop(rel, None)
             _write_verified(root, record)
             raise UserError(f"{root}: {rel} does not match its sha256 in {MANIFEST} (corrupt or modified); rebuild")
@@ -126,22 +158,50 @@ def check_file_hashes(root: Path, files: dict[str, str], rehash: bool = False) -
     return hashed
 
 
+def check_external_data(root: Path, data: dict[str, Any]) -> None:
+    """Every external-data location in every component graph is one of the component's data files."""
+    for name, c in data["components"].items():
+        rel = c["file"]
+        path = resolve_inside(root, rel, f"{root / MANIFEST}: components.{name}.file")
+        if not path.exists():
+            continue  # reported by the hash check when files are checked
+        try:
+            refs = external_data_refs(path)
+        except OnnxScanError as e:
+            raise UserError(f"{root}: {rel} is not a readable ONNX file ({e}); rebuild") from None
+        except OSError as e:
+            raise UserError(f"{root}: cannot read {rel} ({e.strerror})") from None
+        allowed = set(c["data_files"])
+        for tensor, loc in refs:
+            what = f"{root}: {rel}: external data of tensor {tensor!r}"
+            check_relpath(loc, what)
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(rel), loc))
+            if target not in allowed:
+                raise UserError(f"{what} is read from {loc}, which is not one of the component's hashed data files")
+
+
 def load_manifest(root: Path | str, check_files: bool = True, rehash: bool = False) -> Manifest:
+    """Read and check an artifact directory's manifest (see the module doc). `check_files`: also check
+    every file's sha256 (`rehash`: even those `.verified.json` vouches for)."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"artifact directory not found: {root}")
+        raise UserError(f"artifact directory not found: {root}" if not root.exists() else f"{root}: not a directory")
     mpath = root / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise UserError(f"{root}: no {MANIFEST} (not an mmexport artifact directory, or an unfinished build)")
     try:
-        data = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(decode_utf8(_read_inside(root, MANIFEST), mpath))
+    except json.JSONDecodeError as e:
         raise UserError(f"{mpath}: corrupt manifest ({e})") from None
-    v = data.get("schema_version")
-    if v != SCHEMA_VERSION:
-        raise UserError(f"{mpath}: schema version {v}, this mmexport reads {SCHEMA_VERSION}; rebuild the artifacts")
+    try:
+        validate_manifest(data)
+        for rel in data["files"]:
+            resolve_inside(root, rel, "files entry")
+    except UserError as e:
+        raise UserError(f"{mpath}: {e}") from None
     if check_files:
-        check_file_hashes(root, data.get("files", {}), rehash=rehash)
+        check_file_hashes(root, data["files"], rehash=rehash)
+    check_external_data(root, data)
     return Manifest(root, data)
 
 
@@ -150,6 +210,6 @@ def write_manifest(root: Path, data: dict[str, Any]) -> None:
     data = dict(data)
     data["schema_version"] = SCHEMA_VERSION
     data["files"] = {rel: sha256_file(root / rel) for rel in sorted(data.get("files", {}))}
-    (root / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    atomic_write(root / MANIFEST, json.dumps(data, indent=2, sort_keys=False) + "\n")
     # the hashes were just taken: the first load need not read the files again
-    _write_verified(root, {rel: {"stat": _stat_key(root / rel), "sha256": h} for rel, h in data["files"].items()})
+    _write_verified(root, {rel: {"stat": _stat_key(os.stat(root / rel)), "sha256": h} for rel, h in data["files"].items()})

@@ -114,14 +114,28 @@ class Pipeline:
         m = self.manifest
         from ..families import get_runtime
 
-        self.family = get_runtime(m.family, m.model)
+        try:
+            self.family = get_runtime(m.family, m.model)
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # the manifest's "model" section is the family's data
+            raise UserError(f"{m.root / 'manifest.json'}: model: the {m.family} runtime cannot use it "
+                            f"({type(e).__name__}: {e}); rebuild") from None
         self.specs = m.components
+        # the components every pipeline runs: the family's image stages, the embedding and the decoder
+        needed = [*self.family.image_stages.values(), "embed_tokens", "decoder"]
+        missing = [c for c in needed if c not in self.specs]
+        if missing:
+            raise UserError(f"{m.root / 'manifest.json'}: components: no {', '.join(missing)} (a {m.family} build has "
+                            f"{', '.join(needed)}); rebuild")
         self.runners = {
             name: make_runner(backend, m.component_file(name), spec, **runner_kw).activate() for name, spec in self.specs.items()
         }
         tok = m.tokenizer
-        template = (m.root / tok["chat_template"]).read_text() if tok.get("chat_template") else None
-        self.prompts = PromptBuilder(template, m.root / tok["file"], tok.get("special_tokens", {}))
+        template = m.read_text(tok["chat_template"]) if tok.get("chat_template") else None
+        try:
+            self.prompts = PromptBuilder(template, m.path(tok["file"]), tok.get("special_tokens", {}))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            msg = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"{m.root}: {tok['file']}: the tokenizers library cannot load it ({msg}); rebuild") from None
         self.eos_ids = set(int(i) for i in tok.get("eos_token_ids", []))
         self.max_context = int(m.limits["max_context"])
         self.max_images = int(m.limits["max_images"])
@@ -135,7 +149,12 @@ class Pipeline:
         """Render, expand and tokenize the prompt; preprocess the images (paths or PIL images)."""
         if len(images) > self.max_images:
             raise UserError(f"{len(images)} images given; this build allows at most {self.max_images} per prompt")
-        encoded = [self.family.preprocess(load_image(im) if isinstance(im, (str, Path)) else im) for im in images]
+        encoded = []
+        for i, im in enumerate(images):
+            pil = load_image(im) if isinstance(im, (str, Path)) else im
+            enc = self.family.preprocess(pil)
+            self._check_vision_input(i, im, pil, enc)
+            encoded.append(enc)
         text = prompt if raw_prompt else self.prompts.render(user_message(prompt, len(encoded)))
         if encoded or self.family.image_token in text:
             text = PromptBuilder.expand_placeholders(text, self.family.image_token, [self.family.image_token_count(e) for e in encoded])
@@ -146,6 +165,23 @@ class Pipeline:
             raise UserError(f"the prompt is {len(ids)} tokens; this build's context is {self.max_context} tokens")
         pos, delta = self.family.prompt_positions(ids, encoded)
         return Prepared(ids, encoded, pos, delta, text, self.family.prompt_extras(ids, encoded))
+
+    def _check_vision_input(self, index: int, source: Any, image: Any, enc: Any) -> None:
+        """An image whose preprocessed form falls outside the vision encoder's declared range (its
+        optimization profile) is refused here, before any inference, in the user's terms: what the
+        family's `vision_limits(spec, encoded)` says the build accepts (pixels, aspect ratio), never
+        the internal dim that overflowed."""
+        spec = self.specs.get("vision_encoder")
+        if spec is None:
+            return
+        try:
+            spec.check_feed(self.family.vision_feeds(enc))
+        except ValueError:
+            label = str(source) if isinstance(source, (str, Path)) else f"image {index + 1}"
+            size = f" ({image.size[0]}x{image.size[1]} pixels)" if hasattr(image, "size") else ""
+            limits = getattr(self.family, "vision_limits", None)
+            why = limits(spec, enc) if limits else "this build's vision encoder was not exported for an image of this size"
+            raise UserError(f"{label}{size}: {why}") from None
 
     def encode_images(self, images: Sequence[Any]):
         """The family's vision state for the request (Method A: image embeddings; B: cross K/V)."""

@@ -5,9 +5,17 @@ top-p), so a seeded run is reproducible and the distribution is the one `generat
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..errors import UserError
+
+# Below this, 1/temperature overflows the logits' float range or leaves a distribution that is
+# greedy in all but name; such values are refused rather than turned into NaNs.
+MIN_TEMPERATURE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -16,6 +24,18 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Every value a request may carry is checked here (CLI and API alike): one UserError line."""
+        t, p = self.temperature, self.top_p
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or (t != 0 and t < MIN_TEMPERATURE):
+            raise UserError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {t!r}")
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= p <= 1.0):  # NaN fails too
+            raise UserError(f"top-p must be between 0 and 1, got {p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise UserError(f"top-k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**128):
+            raise UserError(f"seed must be an integer from 0 to 2**128 - 1, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

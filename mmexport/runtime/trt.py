@@ -124,7 +124,11 @@ class EngineChoice:
 
     @property
     def engine_path(self) -> Path:
-        return self.engine_dir / str(self.meta["components"][self.component]["engine"])
+        """The engine file engines.json names: a plain relative path that stays inside its engine directory."""
+        from ..artifact.paths import resolve_inside
+
+        rel = self.meta["components"][self.component].get("engine")
+        return resolve_inside(self.engine_dir, rel, f"{self.engine_dir / 'engines.json'}: components.{self.component}.engine")
 
 
 def find_artifact_dir(path: "str | Path") -> Path:

@@ -100,6 +100,17 @@ class Qwen2VLRuntime(EmbeddingMerge):
         pv, grid = preprocess_image(image, self.image_params)
         return EncodedImage(pv, tuple(int(g) for g in grid))
 
+    def vision_limits(self, spec, img: EncodedImage) -> str:
+        """What this build's vision encoder accepts, in pixels, for an image that Qwen2-VL's resizing maps
+        outside the declared patch range (an aspect ratio so extreme that the short side stays at one
+        merge block while the long side keeps growing past max_pixels)."""
+        d, p = spec.dims["num_patches"], self.image_params
+        px = p.patch_size**2
+        _, gh, gw = img.grid_thw
+        return (f"Qwen2-VL's resizing makes it {gw * p.patch_size}x{gh * p.patch_size} = {gh * gw * px} pixels ({gh * gw} patches), "
+                f"but this build's vision encoder takes {d.min * px} to {d.max * px} pixels ({d.min}-{d.max} patches of "
+                f"{p.patch_size}x{p.patch_size}); aspect ratios up to {d.max * px // p.factor**2}:1 always fit: crop or pad the image")
+
     def image_token_count(self, img: EncodedImage) -> int:
         t, h, w = img.grid_thw
         return t * h * w // (self.merge**2)

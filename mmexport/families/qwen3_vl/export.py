@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ...errors import UserError
 from ...spec import ComponentSpec, Dim, TensorSpec
 from ..base import ExportComponent
 from ..qwen2_vl.export import SPECIAL_TOKENS as QWEN2_VL_SPECIAL_TOKENS
@@ -138,7 +139,7 @@ class Qwen3VLAdapter(Qwen3VLReference, Qwen2VLAdapter):
         from ..decoder import decoder_spec
 
         tc = model.config.text_config
-        deep = TensorSpec("deepstack_embeds", "float32", (len(model.config.vision_config.deepstack_visual_indexes), "batch", "seq_len", tc.hidden_size),
+        deep = TensorSpec("deepstack_embeds", "float32", (self._sizes(model)["deep"], "batch", "seq_len", tc.hidden_size),
                           "added after decoder layer i; zeros at text positions")
         return decoder_spec(cache, tc.hidden_size, tc.vocab_size, positions="mrope", extra_inputs=[deep],
                             doc="Qwen3 decoder (q/k-norm, interleaved M-RoPE) with deepstack over a static KV cache")
@@ -149,6 +150,9 @@ class Qwen3VLAdapter(Qwen3VLReference, Qwen2VLAdapter):
         gh, gw = grid
         n = gh * gw
         visual = model.model.visual
+        how = (getattr(visual, "interpolation_mode", "bilinear"), getattr(visual, "interpolation_align_corners", True))
+        if how != ("bilinear", True):  # the host-side taps are bilinear with align_corners
+            raise UserError(f"position-embedding interpolation {how} is not supported (bilinear, align_corners only)")
         cos, sin = vision_rotary_tables(gh, gw, s["merge"], s["v_head_dim"], _vision_theta(model.config.vision_config))
         idx, w = position_embedding_taps(gh, gw, s["merge"], visual.num_grid_per_side)
         return [

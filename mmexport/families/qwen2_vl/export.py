@@ -61,37 +61,48 @@ CHAT_TEMPLATE = (
 )
 
 
-def vision_encoder_module(visual):
-    """Qwen2-VL's ViT for one image: pixel_values [P, C*T*p*p], rotary cos/sin [P, head_dim] -> hidden [P, embed_dim].
-
-    The checkpoint's own modules; only the attention glue is written out (one image = full attention, no
-    cu_seqlens splits), softmax in fp32."""
+def vit_block(blk, x, rotary_cos, rotary_sin):
+    """One block of a Qwen2-VL-style ViT (Qwen2-VL, Qwen3-VL) over one image's patches x [P, dim]: the
+    checkpoint's own norms, qkv/proj and MLP; only the attention glue is written out (one image = full
+    attention, no cu_seqlens splits), softmax in fp32."""
     import torch
-    from torch import nn
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    n = x.shape[0]
+    attn = blk.attn
+    h = blk.norm1(x)
+    q, k, v = attn.qkv(h).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, rotary_cos, rotary_sin)
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, P, D]
+    w = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
+    w = torch.softmax(w.float(), dim=-1).to(q.dtype)
+    o = torch.matmul(w, v).transpose(0, 1).reshape(n, -1)  # [P, H*D]
+    x = x + attn.proj(o)
+    return x + blk.mlp(blk.norm2(x))
+
+
+def patch_matrix(patch_embed):
+    """Conv3d with kernel == stride over pre-flattened patches is a MatMul: its weight as [embed, C*T*p*p]."""
+    from torch import nn
+
+    w = patch_embed.proj.weight.detach()
+    return nn.Parameter(w.reshape(w.shape[0], -1).clone(), requires_grad=False)
+
+
+def vision_encoder_module(visual):
+    """Qwen2-VL's ViT for one image: pixel_values [P, C*T*p*p], rotary cos/sin [P, head_dim] -> hidden [P, embed_dim]."""
+    from torch import nn
 
     class VisionEncoder(nn.Module):
         def __init__(self, visual):
             super().__init__()
             self.blocks = visual.blocks
-            pe = visual.patch_embed
-            # Conv3d with kernel == stride over pre-flattened patches is a MatMul; trace it as one.
-            self.patch_weight = nn.Parameter(pe.proj.weight.detach().reshape(pe.embed_dim, -1).clone(), requires_grad=False)
+            self.patch_weight = patch_matrix(visual.patch_embed)
 
         def forward(self, pixel_values, rotary_cos, rotary_sin):
             x = pixel_values.to(self.patch_weight.dtype) @ self.patch_weight.t()
-            n = x.shape[0]
             for blk in self.blocks:
-                attn = blk.attn
-                h = blk.norm1(x)
-                q, k, v = attn.qkv(h).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-                q, k = apply_rotary_pos_emb_vision(q, k, rotary_cos, rotary_sin)
-                q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, P, D]
-                w = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
-                w = torch.softmax(w.float(), dim=-1).to(q.dtype)
-                o = torch.matmul(w, v).transpose(0, 1).reshape(n, -1)  # [P, H*D]
-                x = x + attn.proj(o)
-                x = x + blk.mlp(blk.norm2(x))
+                x = vit_block(blk, x, rotary_cos, rotary_sin)
             return x
 
     return VisionEncoder(visual)
@@ -111,29 +122,35 @@ def _example_grid(patches: Dim, merge: int) -> tuple[int, int]:
 
 
 class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
+    """Qwen2-VL's adapter; Qwen3-VL's (families/qwen3_vl) subclasses it and overrides the hooks marked below."""
+
     model_class = "Qwen2VLForConditionalGeneration"
+    config_class = "Qwen2VLConfig"  # transformers classes of a synthetic checkpoint
+    special_tokens = SPECIAL_TOKENS
+    chat_template = CHAT_TEMPLATE
 
     # -- checkpoints ---------------------------------------------------------------------------
-    @staticmethod
-    def synthetic_parts(syn: dict[str, Any], attn_implementation: str | None = None):
+    @classmethod
+    def synthetic_parts(cls, syn: dict[str, Any], attn_implementation: str | None = None):
         """A fresh checkpoint from a `[source.synthetic]` table: (model, tokenizer, image processor,
-        generation config) — the in-repo BPE tokenizer with Qwen2-VL's special tokens and chat template.
+        generation config) — the in-repo BPE tokenizer with the family's special tokens and chat template.
         `init_std` (default 0.08) redraws every weight matrix from N(0, init_std); 0 keeps transformers'
         own initialization (scripts/train_shapes.py starts training from it)."""
         import torch
+        import transformers
 
-        from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        from transformers import GenerationConfig, PreTrainedTokenizerFast
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        tok = train_bpe_tokenizer(SPECIAL_TOKENS, int(syn.get("tokenizer_vocab_size", 1024)))
-        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        tok = train_bpe_tokenizer(list(cls.special_tokens), int(syn.get("tokenizer_vocab_size", 1024)))
+        ids = {t: tok.token_to_id(t) for t in cls.special_tokens}
         text = dict(syn["text_config"])
         # the embedding has at least the tokenizer's rows, padded like real checkpoints do, or the
         # recipe's vocab_size (a benchmark recipe asks for a real model's 151,936 rows)
         vocab = max(int(text.pop("vocab_size", 0)), -(-tok.get_vocab_size() // 64) * 64)
         tie = bool(text.pop("tie_word_embeddings", True))
         text.update(vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-        config = Qwen2VLConfig(
+        config = getattr(transformers, cls.config_class)(
             text_config=text,
             vision_config=dict(syn["vision_config"]),
             image_token_id=ids["<|image_pad|>"],
@@ -144,7 +161,8 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
         )
         config.text_config.tie_word_embeddings = tie
         torch.manual_seed(int(syn.get("seed", 0)))
-        model = Qwen2VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32).eval()
+        model_cls = getattr(transformers, cls.model_class)
+        model = model_cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32).eval()
         init_std = float(syn.get("init_std", 0.08))
         if init_std:
             # A wider init than HF's 0.02 so random logits are well separated: greedy parity between
@@ -162,34 +180,44 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
         )
         model.generation_config = generation
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.chat_template = cls.chat_template
         return model, tokenizer, Qwen2VLImageProcessorPil(**dict(syn.get("preprocessor", {}))), generation
 
     # -- declarations --------------------------------------------------------------------------
-    @staticmethod
-    def _sizes(model) -> dict[str, int]:
+    vision_width = "embed_dim"  # the vision config's name for the ViT width (Qwen3-VL: hidden_size)
+
+    def _sizes(self, model) -> dict[str, int]:
         vc = model.config.vision_config
+        width = getattr(vc, self.vision_width)
         return dict(
             patch_dim=vc.in_channels * vc.temporal_patch_size * vc.patch_size**2,
-            embed_dim=vc.embed_dim,
-            v_head_dim=vc.embed_dim // vc.num_heads,
+            embed_dim=width,
+            v_head_dim=width // vc.num_heads,
             merge=vc.spatial_merge_size,
         )
 
-    def specs(self, model, recipe: Recipe, model_dir: Path) -> list[ComponentSpec]:
-        from ..decoder import decoder_spec, embed_spec
-
-        s = self._sizes(model)
-        tc = model.config.text_config
+    def _patches(self, model_dir: Path, merge: int) -> Dim:
+        """num_patches of one image: whole merge blocks, within the preprocessor's pixel limits."""
         pre = self._preprocessor(model_dir)
         unit = pre.patch_size * pre.merge_size
-        m2 = s["merge"] ** 2
+        m2 = merge**2
         max_patches = (pre.max_pixels // unit**2) * m2  # smart_resize keeps h*w <= max_pixels
         min_patches = max(m2, (pre.min_pixels // unit**2) * m2)
         opt_patches = min(max_patches, max(min_patches, 16 * m2))
-        patches = Dim("num_patches", min_patches, opt_patches, max_patches, multiple=m2)
+        return Dim("num_patches", min_patches, opt_patches, max_patches, multiple=m2)
+
+    def specs(self, model, recipe: Recipe, model_dir: Path) -> list[ComponentSpec]:
+        from ..decoder import embed_spec
+
+        s = self._sizes(model)
+        tc = model.config.text_config
         cache = text_cache(tc, recipe.limits.max_context)
-        f = "float32"
+        return [*self._vision_specs(model, s, self._patches(model_dir, s["merge"])), embed_spec(tc.hidden_size, cache),
+                self._decoder_spec(model, cache)]
+
+    def _vision_specs(self, model, s: dict[str, int], patches: Dim) -> list[ComponentSpec]:
+        """(hook) The vision_encoder and projector declarations."""
+        f, hidden = "float32", model.config.text_config.hidden_size
         return [
             ComponentSpec(
                 "vision_encoder",
@@ -205,31 +233,48 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
             ComponentSpec(
                 "projector",
                 inputs=(TensorSpec("vision_hidden", f, ("num_patches", s["embed_dim"])),),
-                outputs=(TensorSpec("image_embeds", f, ("num_tokens", tc.hidden_size)),),
+                outputs=(TensorSpec("image_embeds", f, ("num_tokens", hidden)),),
                 dims={"num_patches": patches},
                 doc="PatchMerger: LayerNorm, 2x2 merge, MLP",
             ),
-            embed_spec(tc.hidden_size, cache),
-            decoder_spec(cache, tc.hidden_size, tc.vocab_size, positions="mrope",
-                         doc="Qwen2 decoder with M-RoPE over a static KV cache (capacity = context)"),
         ]
+
+    def _decoder_spec(self, model, cache) -> ComponentSpec:
+        """(hook) The decoder declaration."""
+        from ..decoder import decoder_spec
+
+        tc = model.config.text_config
+        return decoder_spec(cache, tc.hidden_size, tc.vocab_size, positions="mrope",
+                            doc="Qwen2 decoder with M-RoPE over a static KV cache (capacity = context)")
 
     def components(self, model, recipe: Recipe, model_dir: Path) -> list[ExportComponent]:
         import torch
 
-        from ..decoder import StaticCacheDecoder, decoder_example
-        from ..parts import EmbedTokens, ModuleCall
+        from ..decoder import decoder_example
+        from ..parts import EmbedTokens
 
         s = self._sizes(model)
-        vc = model.config.vision_config
         specs = {c.name: c for c in self.specs(model, recipe, model_dir)}
         g = torch.Generator().manual_seed(1234)
         # an image grid the recipe's pixel range allows (about 6x10 patches), off the opt size
-        gh, gw = _example_grid(specs["vision_encoder"].dims["num_patches"], s["merge"])
-        n = gh * gw
-        cos, sin = vision_rotary_tables(gh, gw, s["merge"], s["v_head_dim"], _vision_theta(vc))
+        grid = _example_grid(specs["vision_encoder"].dims["num_patches"], s["merge"])
         lm = model.model.language_model
         vocab = model.config.text_config.vocab_size
+        return [
+            *self._vision_components(model, specs, s, grid, g),
+            ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(), {"input_ids": torch.randint(0, vocab, (1, 7), generator=g)}),
+            ExportComponent(specs["decoder"], self._decoder_module(model, specs["decoder"]).eval(), decoder_example(specs["decoder"])),
+        ]
+
+    def _vision_components(self, model, specs: dict[str, ComponentSpec], s: dict[str, int], grid: tuple[int, int], g) -> list[ExportComponent]:
+        """(hook) vision_encoder and projector with example inputs for an image of `grid` patches."""
+        import torch
+
+        from ..parts import ModuleCall
+
+        gh, gw = grid
+        n = gh * gw
+        cos, sin = vision_rotary_tables(gh, gw, s["merge"], s["v_head_dim"], _vision_theta(model.config.vision_config))
         return [
             ExportComponent(
                 specs["vision_encoder"],
@@ -237,9 +282,13 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
                 {"pixel_values": torch.randn(n, s["patch_dim"], generator=g), "rotary_cos": torch.from_numpy(cos), "rotary_sin": torch.from_numpy(sin)},
             ),
             ExportComponent(specs["projector"], ModuleCall(model.model.visual.merger).eval(), {"vision_hidden": torch.randn(n, s["embed_dim"], generator=g)}),
-            ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(), {"input_ids": torch.randint(0, vocab, (1, 7), generator=g)}),
-            ExportComponent(specs["decoder"], StaticCacheDecoder(specs["decoder"], lm, model.lm_head).eval(), decoder_example(specs["decoder"])),
         ]
+
+    def _decoder_module(self, model, spec: ComponentSpec):
+        """(hook) The decoder's torch module: the generic static-cache decoder over the text stack."""
+        from ..decoder import StaticCacheDecoder
+
+        return StaticCacheDecoder(spec, model.model.language_model, model.lm_head)
 
     # -- runtime configuration -----------------------------------------------------------------
     @staticmethod

@@ -52,19 +52,28 @@ class Qwen2VLReference:
             ref["embed_tokens"] = embeds.numpy()
             if "pixel_values" in inputs:
                 grid = inputs["image_grid_thw"]
-                vis = model.model.visual(inputs["pixel_values"], grid_thw=grid)
-                sizes = grid.prod(-1).tolist()
-                merge = model.config.vision_config.spatial_merge_size ** 2
-                ref["pixel_values"] = [p.numpy() for p in torch.split(inputs["pixel_values"], sizes)]
-                ref["vision_encoder"] = [h.numpy() for h in torch.split(vis.last_hidden_state, sizes)]
-                ref["projector"] = [h.numpy() for h in torch.split(vis.pooler_output, [s // merge for s in sizes])]
+                image_embeds = self._vision_reference(model, inputs, ref)
                 mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-                embeds = embeds.masked_scatter(mask, vis.pooler_output)
+                embeds = embeds.masked_scatter(mask, image_embeds)
                 pos, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=grid)
                 ref["position_ids"] = pos.numpy()
             ref["decoder_inputs_embeds"] = embeds.numpy()
             ref["logits"] = model(**inputs).logits[0, -1].numpy()
         return ref
+
+    def _vision_reference(self, model, inputs: dict[str, Any], ref: dict[str, Any]):
+        """(hook) The vision tower's per-image references into `ref` (pixel_values, vision_encoder, projector);
+        returns the image embeddings of all images, in prompt order."""
+        import torch
+
+        grid = inputs["image_grid_thw"]
+        vis = model.model.visual(inputs["pixel_values"], grid_thw=grid)
+        sizes = grid.prod(-1).tolist()
+        merge = model.config.vision_config.spatial_merge_size ** 2
+        ref["pixel_values"] = [p.numpy() for p in torch.split(inputs["pixel_values"], sizes)]
+        ref["vision_encoder"] = [h.numpy() for h in torch.split(vis.last_hidden_state, sizes)]
+        ref["projector"] = [h.numpy() for h in torch.split(vis.pooler_output, [s // merge for s in sizes])]
+        return vis.pooler_output
 
     def verify_components(self, pipe, prep, ref, case, tol_for) -> list:
         return method_a_checks(pipe, prep, ref, case, tol_for)

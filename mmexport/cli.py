@@ -72,6 +72,7 @@ def build_cmd(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: artifacts/RECIPE].")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or fp16 [default: the recipe's].")] = None,
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4: weight-only MatMul quantization (ONNX Runtime only).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Decoder rows per call (`serve` batches that many requests) [default: the recipe's, or 8].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     engines: Annotated[bool, typer.Option("--engines", help="Also build TensorRT engines (as `mmexport engines`).")] = False,
     flavor: Annotated[str, typer.Option("--flavor", help="Engine flavour with --engines: auto, tensorrt, tensorrt-rtx.")] = "auto",
@@ -81,6 +82,8 @@ def build_cmd(
     from .recipes import load_recipe
 
     r = load_recipe(recipe)
+    if max_batch is not None:
+        r = r.with_max_batch(max_batch)
     if precision is not None and precision not in ("fp32", "fp16"):
         raise UserError(f"--precision must be fp32 or fp16, got {precision!r}")
     from .export.build import build

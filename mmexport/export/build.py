@@ -119,6 +119,7 @@ def build(
                     "max_images": recipe.limits.max_images,
                     "max_context": recipe.limits.max_context,
                     "max_new_tokens": recipe.limits.max_new_tokens,
+                    "max_batch": recipe.limits.max_batch,
                 },
                 "components": comps,
                 "tokenizer": tok,

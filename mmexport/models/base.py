@@ -44,6 +44,11 @@ class StaticKVCache:
     like) or 0 (the first prefill of a request, when the cache is empty: the runtime passes zero-length
     views, so the prompt attends only to itself instead of to `capacity` masked slots). Each is a
     TensorRT optimization profile.
+
+    The batch axis is dynamic, 1..max_batch (the recipe's `[limits] max_batch`): `mmexport serve` keeps
+    one request per row of a `[max_batch, ...]` cache and decodes the active rows in one call; each row
+    has its own cache_mask, positions and length. Export traces a batch of 2 (torch.export specializes
+    sizes 0 and 1). Prefill runs one request at a time (batch 1); the decode profile covers 1..max_batch.
     """
 
     layers: list[int]  # layer indices that have a self-attention cache
@@ -51,6 +56,10 @@ class StaticKVCache:
     head_dim: int
     capacity: int
     dtype: str = "float32"
+    max_batch: int = 1
+
+    def batch_dim(self) -> Dim:
+        return Dim("batch", 1, 1, self.max_batch)
 
     def inputs(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """(cache_mask, then the cache buffers) as two lists: families place other inputs between them."""
@@ -72,12 +81,19 @@ class StaticKVCache:
         return {"cache_len": Dim("cache_len", 0, self.capacity, self.capacity)}
 
     def profiles(self) -> dict[str, dict[str, Dim]]:
-        """The decoder's TensorRT profiles: prefill (any prompt length, empty or full cache), decode (static)."""
-        ctx = self.capacity
+        """The decoder's TensorRT profiles: prefill (one request, any prompt length, empty or full cache), decode
+        (one token for each of 1..max_batch rows over the whole cache)."""
+        ctx, b = self.capacity, self.max_batch
         return {
-            "prefill": {"seq_len": Dim("seq_len", 1, min(256, ctx), ctx), "cache_len": Dim("cache_len", 0, 0, ctx)},
-            "decode": {"seq_len": Dim("seq_len", 1, 1, 1), "cache_len": Dim("cache_len", ctx, ctx, ctx)},
+            "prefill": {"batch": Dim("batch", 1, 1, 1), "seq_len": Dim("seq_len", 1, min(256, ctx), ctx),
+                        "cache_len": Dim("cache_len", 0, 0, ctx)},
+            "decode": {"batch": Dim("batch", 1, b, b), "seq_len": Dim("seq_len", 1, 1, 1), "cache_len": Dim("cache_len", ctx, ctx, ctx)},
         }
+
+
+def example_batch(batch: Dim) -> int:
+    """The batch export traces: 2 keeps the axis dynamic (1 would be specialized); 1 when the build is batch 1."""
+    return 2 if batch.max > 1 else 1
 
 
 class FamilyAdapter:

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..recipes import Recipe
 from ..spec import ComponentSpec, Dim, TensorSpec
 from . import register
-from .base import ExportComponent, FamilyAdapter, StaticKVCache
+from .base import ExportComponent, FamilyAdapter, StaticKVCache, example_batch
 from .synthetic import LLAMA3_SPLIT, train_bpe_tokenizer
 
 CHAT_TEMPLATE_FILE = Path(__file__).resolve().parent.parent / "data" / "mllama_chat_template.jinja"
@@ -298,10 +298,10 @@ class MllamaAdapter(FamilyAdapter):
         T, P, D, kv = s["tiles"], s["patches"], s["head_dim"], s["kv_heads"]
         ctx = recipe.limits.max_context
         f = "float32"
-        batch = Dim("batch", 1, 1, 1)
         seq = Dim("seq_len", 1, min(64, ctx), ctx)
         tiles = Dim("cross_tiles", 1, T, recipe.limits.max_images * T)
-        cache = StaticKVCache(list(s["self_layers"]), kv, D, ctx)
+        cache = StaticKVCache(list(s["self_layers"]), kv, D, ctx, max_batch=recipe.limits.max_batch)
+        batch = cache.batch_dim()
         mask_in, cache_in = cache.inputs()
         cross_in, cross_out = [], []
         for j in s["cross"]:
@@ -368,24 +368,29 @@ class MllamaAdapter(FamilyAdapter):
         # a 7-token step after 5 cached tokens
         ar_mask = torch.zeros(T, dtype=torch.int64)
         ar_mask[: min(2, T)] = 1
-        tiles, seq, past, ctx = min(2, recipe.limits.max_images) * T, 7, 5, recipe.limits.max_context
-        cmask = torch.zeros(1, seq, tiles, dtype=torch.int64)
-        cmask[:, 2:, : tiles - 1] = 1  # the first two tokens see no image, the others all but one tile
-        mask = torch.zeros(1, ctx, dtype=torch.int64)
-        mask[:, :past] = 1
+        tiles, seq, ctx = min(2, recipe.limits.max_images) * T, 7, recipe.limits.max_context
+        # batch rows (2 when the build batches) with their own cache lengths, positions and images:
+        # row 0 has 5 cached tokens and an image, row 1 has 4 and is text-only (has_image 0, no tile)
+        B = example_batch(specs["decoder"].dims["batch"])
+        pasts = [5 - b for b in range(B)]
+        cmask = torch.zeros(B, seq, tiles, dtype=torch.int64)
+        cmask[0, 2:, : tiles - 1] = 1  # the first two tokens see no image, the others all but one tile
+        mask = torch.zeros(B, ctx, dtype=torch.int64)
+        for b, p in enumerate(pasts):
+            mask[b, :p] = 1
         dec: dict[str, Any] = {
-            "inputs_embeds": torch.randn(1, seq, s["hidden"], generator=g),
-            "position_ids": torch.arange(past, past + seq).view(1, seq),
+            "inputs_embeds": torch.randn(B, seq, s["hidden"], generator=g),
+            "position_ids": torch.stack([torch.arange(p, p + seq) for p in pasts]),
             "cache_mask": mask,
             "cross_attention_mask": cmask,
-            "has_image": torch.ones(1, dtype=torch.int64),
+            "has_image": (torch.arange(B) == 0).to(torch.int64),
         }
         for i in s["self_layers"]:
             for kind in ("key", "value"):
-                dec[f"cache_{kind}_{i}"] = torch.randn(1, kv, ctx, D, generator=g)
+                dec[f"cache_{kind}_{i}"] = torch.randn(B, kv, ctx, D, generator=g)
         for j in s["cross"]:
             for kind in ("key", "value"):
-                dec[f"cross_{kind}_{j}"] = torch.randn(1, kv, tiles, P, D, generator=g)
+                dec[f"cross_{kind}_{j}"] = torch.randn(B, kv, tiles, P, D, generator=g)
         vm = model.model.vision_model
         return [
             ExportComponent(
@@ -402,7 +407,7 @@ class MllamaAdapter(FamilyAdapter):
             ExportComponent(specs["cross_kv"], CrossKV([lm.layers[j] for j in s["cross"]]).eval(),
                             {"cross_states": torch.randn(tiles, P, s["hidden"], generator=g)}),
             ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(),
-                            {"input_ids": torch.randint(0, s["vocab"], (1, seq), generator=g)}),
+                            {"input_ids": torch.randint(0, s["vocab"], (B, seq), generator=g)}),
             ExportComponent(specs["decoder"], Decoder(lm, model.lm_head, P).eval(), dec),
         ]
 

@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..recipes import Recipe
 from ..spec import ComponentSpec, Dim, TensorSpec
 from . import register
-from .base import ExportComponent, FamilyAdapter, StaticKVCache
+from .base import ExportComponent, FamilyAdapter, StaticKVCache, example_batch
 from .synthetic import train_bpe_tokenizer
 
 SPECIAL_TOKENS = [
@@ -276,10 +276,10 @@ class Qwen2VLAdapter(FamilyAdapter):
         opt_patches = min(max_patches, max(min_patches, 16 * m2))
         ctx = recipe.limits.max_context
         patches = Dim("num_patches", min_patches, opt_patches, max_patches, multiple=m2)
-        batch = Dim("batch", 1, 1, 1)
         seq = Dim("seq_len", 1, min(64, ctx), ctx)
         f = "float32"
-        kv = StaticKVCache(list(range(s["layers"])), s["kv_heads"], s["head_dim"], ctx)
+        kv = StaticKVCache(list(range(s["layers"])), s["kv_heads"], s["head_dim"], ctx, max_batch=recipe.limits.max_batch)
+        batch = kv.batch_dim()
         mask_in, cache_in = kv.inputs()
         return [
             ComponentSpec(
@@ -329,22 +329,27 @@ class Qwen2VLAdapter(FamilyAdapter):
         specs = {c.name: c for c in self.specs(model, recipe, model_dir)}
         g = torch.Generator().manual_seed(1234)
         # example shapes: an image of about 6x10 patches (15 tokens) that the recipe's pixel range allows,
-        # a 7-token step with 5 past tokens
+        # a 7-token step after 5 (row 1: 4) cached tokens
         gh, gw = _example_grid(specs["vision_encoder"].dims["num_patches"], s["merge"])
         n = gh * gw
         cos, sin = vision_rotary(gh, gw, s["merge"], s["v_head_dim"], _vision_theta(vc))
-        seq, past, ctx = 7, 5, recipe.limits.max_context
-        pos = torch.arange(past, past + seq).view(1, 1, seq).expand(3, 1, seq).contiguous()
-        mask = torch.zeros(1, ctx, dtype=torch.int64)
-        mask[:, :past] = 1
+        seq, ctx = 7, recipe.limits.max_context
+        # batch rows (2 when the build batches: sizes 1 would be specialized) with their own cache
+        # lengths and positions: row b has 5 - b cached tokens
+        B = example_batch(specs["decoder"].dims["batch"])
+        pasts = [5 - b for b in range(B)]
+        pos = torch.stack([torch.arange(p, p + seq) for p in pasts]).view(1, B, seq).expand(3, B, seq).contiguous()
+        mask = torch.zeros(B, ctx, dtype=torch.int64)
+        for b, p in enumerate(pasts):
+            mask[b, :p] = 1
         dec_example: dict[str, Any] = {
-            "inputs_embeds": torch.randn(1, seq, s["hidden"], generator=g),
+            "inputs_embeds": torch.randn(B, seq, s["hidden"], generator=g),
             "position_ids": pos,
             "cache_mask": mask,
         }
         for i in range(s["layers"]):
             for kind in ("key", "value"):
-                dec_example[f"cache_{kind}_{i}"] = torch.randn(1, s["kv_heads"], ctx, s["head_dim"], generator=g)
+                dec_example[f"cache_{kind}_{i}"] = torch.randn(B, s["kv_heads"], ctx, s["head_dim"], generator=g)
         lm = model.model.language_model
         return [
             ExportComponent(
@@ -357,7 +362,7 @@ class Qwen2VLAdapter(FamilyAdapter):
                 },
             ),
             ExportComponent(specs["projector"], Projector(model.model.visual.merger).eval(), {"vision_hidden": torch.randn(n, s["embed_dim"], generator=g)}),
-            ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(), {"input_ids": torch.randint(0, s["vocab"], (1, seq), generator=g)}),
+            ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(), {"input_ids": torch.randint(0, s["vocab"], (B, seq), generator=g)}),
             ExportComponent(specs["decoder"], Decoder(lm, model.lm_head).eval(), dec_example),
         ]
 

@@ -96,6 +96,15 @@ class KVCache:
             return {"cache_mask": self.mask[:, :0], **{n: a[:, :, :0] for n, a in self.arrays.items()}}
         return {"cache_mask": self.mask, **self.arrays}
 
+    def row(self, i: int) -> "KVCache":
+        """Row `i` as a cache of its own (batch 1, its own length): views of this cache's buffers, so what
+        it writes lands in row i of the shared buffers (the batching runtime gives each request a row)."""
+        r = object.__new__(KVCache)
+        r.names, r.empty_views, r.capacity, r.length = self.names, self.empty_views, self.capacity, 0
+        r.arrays = {n: a[i : i + 1] for n, a in self.arrays.items()}
+        r.mask = self.mask[i : i + 1]
+        return r
+
     def append(self, outputs: dict[str, np.ndarray]) -> None:
         """Write this step's keys/values (outputs `key_i`/`value_i`) after the filled slots."""
         n = 0
@@ -132,10 +141,22 @@ class Pipeline:
     # -- pieces (verify calls these one by one) -----------------------------------------------------
     def prepare(self, prompt: str, images: Sequence[Any] = (), raw_prompt: bool = False) -> Prepared:
         """Render, expand and tokenize the prompt; preprocess the images (paths or PIL images)."""
+        encoded = self._preprocess(images)
+        text = prompt if raw_prompt else self.prompts.render(user_message(prompt, len(encoded)))
+        return self._prepare_text(text, encoded)
+
+    def prepare_chat(self, messages: list[dict[str, Any]], images: Sequence[Any] = ()) -> Prepared:
+        """A whole conversation (system/user/assistant turns; `{"type": "image"}` content parts in the order
+        of `images`) rendered with the chat template, as `prepare` renders one user turn."""
+        encoded = self._preprocess(images)
+        return self._prepare_text(self.prompts.render(messages), encoded)
+
+    def _preprocess(self, images: Sequence[Any]) -> list[Any]:
         if len(images) > self.max_images:
             raise UserError(f"{len(images)} images given; this build allows at most {self.max_images} per prompt")
-        encoded = [self.family.preprocess(load_image(im) if isinstance(im, (str, Path)) else im) for im in images]
-        text = prompt if raw_prompt else self.prompts.render(user_message(prompt, len(encoded)))
+        return [self.family.preprocess(load_image(im) if isinstance(im, (str, Path)) else im) for im in images]
+
+    def _prepare_text(self, text: str, encoded: list[Any]) -> Prepared:
         if encoded or self.family.image_token in text:
             text = PromptBuilder.expand_placeholders(text, self.family.image_token, [self.family.image_token_count(e) for e in encoded])
         ids = np.asarray(self.prompts.encode(text), dtype=np.int64)

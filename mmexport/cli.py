@@ -213,6 +213,42 @@ def bench_cmd(
         render_bench(report, out)
 
 
+@app.command("serve")
+def serve_cmd(
+    artifacts: ArtifactDir,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback unless told otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Requests decoded together [default: the build's max_batch].")] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a slot; more get 429.")] = 64,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MMEXPORT_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 (or $MMEXPORT_API_KEY).")] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients use [default: the recipe's name].")] = None,
+    allowed_local_media: Annotated[Optional[Path], typer.Option("--allowed-local-media", help="Allow file:// image URLs below this directory.")] = None,
+    allow_remote_images: Annotated[bool, typer.Option("--allow-remote-images", help="Fetch http(s) image URLs (off: data: URLs only).")] = False,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body.")] = 32.0,
+    max_image_pixels: Annotated[int, typer.Option("--max-image-pixels", min=1, help="Largest image (width x height), checked before decoding.")] = 16_000_000,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, help="Seconds running requests get to finish on SIGINT/SIGTERM.")] = 30.0,
+    backend: Annotated[str, typer.Option("--backend", help="ort or trt.")] = "ort",
+) -> None:
+    """Serve a build over HTTP in OpenAI's chat-completions format, with continuous batching. Torch-free."""
+    from .runtime.manifest import load_manifest
+
+    try:
+        from .serve.app import ServeConfig, serve
+    except ImportError as e:
+        raise UserError(f"`mmexport serve` needs the serve extra (pip install 'mmexport[serve]'): {e}") from None
+    m = load_manifest(artifacts, check_files=False)
+    build_batch = int(m.limits.get("max_batch", 1))
+    if max_batch is not None and max_batch > build_batch:
+        raise UserError(f"--max-batch {max_batch}: this build's decoder takes at most {build_batch} rows (rebuild with `mmexport build --max-batch {max_batch}`)")
+    if allowed_local_media is not None and not allowed_local_media.is_dir():
+        raise UserError(f"--allowed-local-media {allowed_local_media}: not a directory")
+    cfg = ServeConfig(artifacts, backend=backend, max_batch=max_batch, max_queue=max_queue, api_key=api_key, model_name=model_name,
+                      max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
+                      local_media=allowed_local_media, remote_images=allow_remote_images, shutdown_timeout=shutdown_timeout)
+    _log(f"serving {artifacts} on http://{host}:{port}/v1 ({max_batch or build_batch} slots)")
+    serve(cfg, host=host, port=port)
+
+
 @app.command("engines")
 def engines_cmd(
     artifacts: ArtifactDir,

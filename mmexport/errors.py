@@ -12,3 +12,7 @@ class UserError(Exception):
 
 class VerificationFailed(Exception):
     exit_code = 1
+
+
+class PromptTooLong(UserError):
+    """The prompt does not fit the build's context (the server answers OpenAI's context_length_exceeded)."""

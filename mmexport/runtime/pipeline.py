@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import PromptTooLong, UserError
 from .backends import make_runner
 from .families import family_runtime
 from .image import load_image
@@ -163,7 +163,7 @@ class Pipeline:
         if len(ids) == 0:
             raise UserError("the prompt is empty")
         if len(ids) >= self.max_context:
-            raise UserError(f"the prompt is {len(ids)} tokens; this build's context is {self.max_context} tokens")
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens; this build's context is {self.max_context} tokens")
         pos, delta = self.family.prompt_positions(ids, encoded)
         return Prepared(ids, encoded, pos, delta, text, self.family.prompt_extras(ids, encoded))
 
@@ -217,7 +217,7 @@ class Pipeline:
 
         budget = min(max_new_tokens, self.max_context - len(prep.input_ids))
         sampler = Sampler(sampling)
-        stream = _TextStream(self.prompts, stop, on_text)
+        stream = TextStream(self.prompts, stop, on_text)
         generated: list[int] = []
         reason = "length"
         while len(generated) < budget:
@@ -240,7 +240,7 @@ class Pipeline:
         return GenerationResult(stream.text, generated, int(len(prep.input_ids)), reason, timings, calls)
 
 
-class _TextStream:
+class TextStream:
     """Incremental detokenization with stop strings; emits only complete characters."""
 
     def __init__(self, prompts: PromptBuilder, stop: Sequence[str], on_text: Callable[[str], None] | None):

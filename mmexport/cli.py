@@ -197,10 +197,31 @@ def bench_cmd(
     interleave: Annotated[bool, typer.Option("--interleave/--sequential", help="With --vs-pytorch: keep both models loaded and alternate their timed runs (fair on a machine whose speed drifts), or run one model after the other (half the memory).")] = True,
     model: ModelOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the latency breakdown as a PNG.")] = None,
+    concurrency: Annotated[Optional[str], typer.Option("--concurrency", help="Serving benchmark instead: N concurrent streams against the batching engine, e.g. 1,4,8.")] = None,
+    requests: Annotated[int, typer.Option("--requests", min=1, help="With --concurrency: requests each stream sends, one after the other.")] = 2,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="With --concurrency: engine slots [default: the build's max_batch].")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Time one request: TTFT split (preprocess / vision / projector / prefill), decode tok/s, peak memory."""
+    """Time one request: TTFT split (preprocess / vision / projector / prefill), decode tok/s, peak memory.
+    With --concurrency: total tokens/s and TTFT of the serving engine under N concurrent streams."""
     from .bench import DEFAULT_PROMPT, bench, plot_bench, render_bench
+
+    if concurrency is not None:
+        from .serve.bench import render_serve_bench, serve_bench
+
+        try:
+            levels = [int(x) for x in concurrency.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--concurrency takes numbers separated by commas, got {concurrency!r}") from None
+        if not levels or min(levels) < 1 or vs_pytorch or plot:
+            raise UserError("--concurrency needs positive numbers and goes without --vs-pytorch and --plot")
+        rep = serve_bench(artifacts, levels, image, prompt or DEFAULT_PROMPT, new_tokens, requests=requests,
+                          max_batch=max_batch, backend=backend, log=_log)
+        if as_json:
+            print(json.dumps(rep.to_dict(), indent=2))
+        else:
+            render_serve_bench(rep, out)
+        return
 
     report = bench(artifacts, image=image, prompt=prompt or DEFAULT_PROMPT, new_tokens=new_tokens, repeat=repeat,
                    warmup=warmup, backend=backend, vs_pytorch=vs_pytorch, model=model, interleave=interleave, log=_log)
@@ -247,6 +268,28 @@ def serve_cmd(
                       local_media=allowed_local_media, remote_images=allow_remote_images, shutdown_timeout=shutdown_timeout)
     _log(f"serving {artifacts} on http://{host}:{port}/v1 ({max_batch or build_batch} slots)")
     serve(cfg, host=host, port=port)
+
+
+@app.command("triton")
+def triton_cmd(
+    artifacts: ArtifactDir,
+    out_dir: Annotated[Path, typer.Option("--out", help="Model repository directory (created if needed).")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Model name [default: the recipe's name].")] = None,
+    instances: Annotated[int, typer.Option("--instances", min=1, help="Model instances (each loads the build and batches its own requests).")] = 1,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Requests each instance decodes together [default: the build's].")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="ort or trt (TensorRT engines from `mmexport engines`).")] = "ort",
+    kind: Annotated[str, typer.Option("--kind", help="Instance kind: cpu or gpu (one instance group per GPU).")] = "cpu",
+    artifact_path: Annotated[Optional[str], typer.Option("--artifact-path", help="Reference the build at this path on the serving machine instead of linking it into the repository.")] = None,
+    decoupled: Annotated[bool, typer.Option("--decoupled/--no-decoupled", help="Decoupled: streamed tokens (gRPC streams, generate_stream); not: one response per request (KServe v2 `infer` over HTTP).")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace a model this command wrote before.")] = False,
+) -> None:
+    """Write a Triton Inference Server model repository (Python backend, decoupled streaming) that serves the build."""
+    from .serve.triton import write_repository
+
+    model_dir = write_repository(artifacts, out_dir, name=name, instances=instances, max_batch=max_batch, backend=backend,
+                                 kind=kind, artifact_path=artifact_path, force=force, decoupled=decoupled)
+    _log(f"wrote {model_dir} ({instances} instance(s), {kind}, {backend}); run: tritonserver --model-repository {out_dir}")
+    print(str(model_dir))
 
 
 @app.command("engines")

@@ -59,6 +59,7 @@ class GenRequest:
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -91,6 +92,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="mmexport-engine", daemon=True)
         self.steps = 0  # decoder steps run (batched); tests and metrics read it
         self.max_rows_seen = 0  # the most requests one decoder step has served
+        self.rows_served = 0  # requests served by all decoder steps (mean batch = rows_served / steps)
+        self.step_seconds = 0.0  # time in batched decode steps (aggregate decode rate = rows_served / step_seconds)
 
     # -- public ---------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -101,8 +104,9 @@ class Engine:
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"the queue holds {self.max_queue} waiting requests")
+            # a request may wait when every slot is taken, up to max_queue of them
+            if len(self._queue) + len(self._running) >= self.max_batch + self.max_queue:
+                raise QueueFull(f"all {self.max_batch} slots are busy and {len(self._queue)} requests wait")
             self._queue.append(req)
             self._gauges()
             self._cond.notify()
@@ -169,9 +173,12 @@ class Engine:
         for run in list(self._running.values()):
             self._next_token(run)
         if self._running:
+            t0 = time.perf_counter()
             out = self.decoder.step({r.slot: r.generated[-1] for r in self._running.values()})
+            self.step_seconds += time.perf_counter() - t0
             self.steps += 1
             self.max_rows_seen = max(self.max_rows_seen, len(out))
+            self.rows_served += len(out)
             if self.metrics:
                 self.metrics.batch_rows.observe(len(out))
             for run in self._running.values():
@@ -195,7 +202,7 @@ class Engine:
     def _next_token(self, run: _Running) -> None:
         """One token for `run`, with `Pipeline.generate`'s rules; finishes it when it is done."""
         tok = run.sampler(run.logits)
-        if tok in self.pipe.eos_ids:
+        if tok in self.pipe.eos_ids and not run.req.ignore_eos:
             self._finish(run, reason="stop")
             return
         run.generated.append(tok)

@@ -145,14 +145,16 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     async def read_json(request: Request) -> Any:
         limit = cfg.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit}", code="request_too_large")
-        buf = bytearray()
+        buf, size = bytearray(), 0
         async for part in request.stream():
-            buf += part
-            if len(buf) > limit:
-                raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+            size += len(part)
+            if size <= limit:
+                buf += part
+            elif size > 16 * limit:
+                break  # past this, stop reading: the connection is closed after the answer
+        if size > limit:
+            # the body is read (and dropped) first, so that the client, still sending, gets the answer
+            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
         try:
             return json.loads(buf)
         except (ValueError, UnicodeDecodeError) as e:

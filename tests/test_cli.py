@@ -129,7 +129,8 @@ def test_run_works_with_torch_and_transformers_unimportable(tiny_artifacts, imag
     import subprocess, sys
 
     code = "import sys, mmexport.runtime.pipeline, mmexport.runtime.backends, mmexport.runtime.qwen2_vl, mmexport.runtime.mllama, " \
-           "mmexport.tasks.shapes, mmexport.cli; " \
+           "mmexport.tasks.shapes, mmexport.cli, mmexport.runtime.batch, mmexport.serve.engine, mmexport.serve.app, " \
+           "mmexport.serve.openai_api, mmexport.serve.metrics, mmexport.serve.bench, mmexport.serve.triton; " \
            "bad=[m for m in ('torch','transformers') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(REPO)})
 

@@ -179,9 +179,26 @@ def test_openai_clients_at_once_get_their_solo_answers(tiny_artifacts, images, t
         assert a == _ask(client, model, cases[1][0], 20, True, **kw)[0]
 
 
+@contextmanager
+def image_host(directory: Path):
+    """A loopback HTTP server for the test images (for --allow-remote-images)."""
+    import functools
+    import http.server
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory)))
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_method_b_build_serves_mixed_batches(mllama_artifacts, images, torch_blocked, refs):
-    with server(mllama_artifacts, torch_blocked) as srv:
+    with server(mllama_artifacts, torch_blocked, "--allow-remote-images") as srv, image_host(images[0].parent) as host:
         client = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
+        remote = lambda p: f"{host}/{p.name}"  # noqa: E731
         cases = [
             ([user("Describe the image.", images[0])], [images[0]], 32, True),  # different tile layouts per row
             ([user("Hello there.")], [], 32, False),  # text-only row: has_image 0
@@ -191,6 +208,7 @@ def test_method_b_build_serves_mixed_batches(mllama_artifacts, images, torch_blo
             ([user("What is this?", images[2])], [images[2]], 32, False),
             ([user("One more.", images[0], images[1])], [images[0], images[1]], 32, True),
             ([{"role": "system", "content": "Be brief."}, user("Hi.")], [], 32, False),
+            ([user("Fetched from a URL.", images[1], url=remote)], [images[1]], 32, True),
         ]
         expected = [refs(mllama_artifacts, m, im, n) for m, im, n, _ in cases]
         got = _concurrent([lambda c=c: _ask(client, "llama-3.2-vision-tiny", c[0], c[2], c[3]) for c in cases])

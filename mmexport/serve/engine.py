@@ -189,9 +189,9 @@ class Engine:
         try:
             state = pipe.encode_images(req.prep.images)
             logits = self.decoder.admit(slot, req.prep, state)
-        except UserError as e:
+        except Exception as e:  # this request fails; the others go on
             self.decoder.release(slot)
-            self._emit(req, Event("error", message=str(e)))
+            self._emit(req, Event("error", message=str(e) if isinstance(e, UserError) else f"internal error: {type(e).__name__}: {e}"))
             return
         budget = min(req.max_tokens, pipe.max_context - len(req.prep.input_ids))
         pending: list[str] = []

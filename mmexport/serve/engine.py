@@ -145,8 +145,15 @@ class Engine:
                     self._cond.wait()
                 if self._stop:
                     break
-                req = self._queue.popleft() if self._queue and self.decoder.free_slot() is not None else None
+                req, skipped = None, []
+                while req is None and self._queue and self.decoder.free_slot() is not None:
+                    req = self._queue.popleft()
+                    if req.cancelled.is_set():  # its client went away while it waited
+                        skipped.append(req)
+                        req = None
                 self._gauges()
+            for gone in skipped:
+                self._emit(gone, Event("done", finish_reason="cancelled"))
             try:
                 self._iteration(req)
             except Exception as e:  # an engine bug must not hang every client: fail what is running
@@ -166,10 +173,7 @@ class Engine:
             if run.req.cancelled.is_set():
                 self._finish(run, reason="cancelled")
         if req is not None:
-            if req.cancelled.is_set():
-                self._emit(req, Event("done", finish_reason="cancelled"))
-            else:
-                self._admit(req)
+            self._admit(req)
         for run in list(self._running.values()):
             self._next_token(run)
         if self._running:

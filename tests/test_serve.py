@@ -336,3 +336,39 @@ def test_queue_full_disconnect_and_graceful_shutdown(tiny_artifacts, images, tor
 def test_serve_refuses_more_rows_than_the_build(tiny_artifacts):
     p = run_cli("serve", tiny_artifacts, "--max-batch", "9", check=2)
     assert p.stderr.count("\n") == 1 and "at most 8 rows" in p.stderr
+
+
+def test_shutdown_cancels_what_outlasts_the_timeout(tiny_artifacts, images, torch_blocked, refs):
+    msgs = [user("Describe the image.", images[2])]
+    ref = refs(tiny_artifacts, msgs, [images[2]], 64)
+    body = {"model": "qwen2-vl-tiny", "messages": msgs, "max_tokens": 64}
+    with server(tiny_artifacts, torch_blocked, "--max-batch", "1", "--max-queue", "60", "--shutdown-timeout", "1") as srv:
+        url = srv.base + "/v1/chat/completions"
+        res: list = [None] * 60
+
+        def post(i):
+            try:
+                res[i] = httpx.post(url, json=body, timeout=120)
+            except httpx.TransportError as e:  # cut off by the shutdown
+                res[i] = e
+
+        workers = [threading.Thread(target=post, args=(i,)) for i in range(60)]
+        for t in workers:
+            t.start()
+        end = time.monotonic() + 20
+        while httpx.get(srv.base + "/health").json().get("queued", 0) < 5 and time.monotonic() < end:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        srv.send_signal(signal.SIGTERM)
+        assert srv.wait(30) in (0, -signal.SIGTERM)
+        stopped = time.monotonic() - t0
+        for t in workers:
+            t.join(60)
+        ok = [r for r in res if isinstance(r, httpx.Response) and r.status_code == 200]
+        cut = [r for r in res if not (isinstance(r, httpx.Response) and r.status_code == 200)]
+        # one slot, 60 requests: those finished within the second are whole answers, the rest are told 503
+        assert ok and cut and stopped < 15, (len(ok), len(cut), stopped)
+        assert all(r.json()["choices"][0]["message"]["content"] == ref.text for r in ok)
+        assert all(isinstance(r, httpx.Response) and r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+                   for r in cut), [getattr(r, "text", r) for r in cut][:3]
+        assert "Exception in ASGI application" not in srv.log()

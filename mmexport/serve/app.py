@@ -63,6 +63,7 @@ class _State:
         self.model = cfg.model_name or cfg.artifacts.resolve().name
         self.metrics = Metrics(self.model)
         self.created = int(time.time())
+        self.arriving = 0  # chat handlers running: streamed requests until queued, others until answered
 
     def load(self) -> None:
         """Open every session (in a thread: the socket answers /health meanwhile)."""
@@ -91,12 +92,21 @@ class _State:
             self.status, self.error = "failed", f"{type(e).__name__}: {e}"
             log.error("loading %s failed: %s", self.cfg.artifacts, self.error)
 
-    def shutdown(self) -> None:
+    def stop_engine(self) -> None:
+        """/health says "stopping"; running and queued requests (and those already on their way) get up
+        to --shutdown-timeout seconds to finish, then the rest are cancelled (their clients get a 503, or
+        an error event on a stream)."""
         self.status = "stopping"
         if self.engine is not None:
-            if not self.engine.drain(self.cfg.shutdown_timeout):
+            end = time.monotonic() + self.cfg.shutdown_timeout
+            while self.arriving and time.monotonic() < end:  # e.g. requests read and prepared, not yet queued
+                time.sleep(0.02)
+            if not self.engine.drain(max(0.0, end - time.monotonic())):
                 log.warning("shutdown: cancelling %d running and %d queued requests", self.engine.running, self.engine.queue_depth)
             self.engine.stop()
+
+    def shutdown(self) -> None:
+        self.stop_engine()
         if self.pipe is not None:
             self.pipe.close()
 
@@ -131,8 +141,6 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise ApiError(503, "the model is still loading", type="service_unavailable", headers={"Retry-After": "1"})
         if state.status == "failed":
             raise ApiError(503, f"the model failed to load: {state.error}", type="service_unavailable")
-        if state.status == "stopping":
-            raise ApiError(503, "the server is shutting down", type="service_unavailable")
 
     def authorize(request: Request) -> None:
         if not cfg.api_key:
@@ -187,6 +195,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         arrived = time.perf_counter()
         authorize(request)
         ready()
+        state.arriving += 1
+        try:
+            return await _chat(request, arrived)
+        finally:
+            state.arriving -= 1
+
+    async def _chat(request: Request, arrived: float):
         body = await read_json(request)
         req = await run_in_threadpool(parse_chat_request, body, state.limits)
         if req.model is not None and req.model != state.model:
@@ -206,8 +221,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         except QueueFull as e:
             raise ApiError(429, f"{e}; retry later", type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         except ShuttingDown:
-            ready()
-            raise
+            raise ApiError(503, "the server is shutting down", type="service_unavailable") from None
         state.metrics.prompt_tokens.inc(len(prep.input_ids))
         cid = completion_id()
         if req.stream:
@@ -282,9 +296,19 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is for data
     log_config["loggers"]["mmexport.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    config = uvicorn.Config(create_app(cfg), host=host, port=port, log_config=log_config,
-                            timeout_graceful_shutdown=max(1, int(cfg.shutdown_timeout)), access_log=True)
-    server = uvicorn.Server(config)
+    app = create_app(cfg)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # uvicorn closes the listener, then waits for open requests; the engine's own drain runs
+            # meanwhile and cancels what outlasts --shutdown-timeout, so every client gets an answer
+            # before uvicorn's own (later) deadline would cut the connections
+            threading.Thread(target=app.state.mm.stop_engine, name="mmexport-drain", daemon=True).start()
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_config=log_config,
+                            timeout_graceful_shutdown=int(cfg.shutdown_timeout) + 10, access_log=True)
+    server = Server(config)
     server.run()
     if not server.started:
         sys.exit(2)

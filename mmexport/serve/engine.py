@@ -120,9 +120,9 @@ class Engine:
         return len(self._running)
 
     def drain(self, timeout: float) -> bool:
-        """Stop taking requests and wait up to `timeout` s for queued and running ones to finish."""
+        """Wait up to `timeout` s for queued and running requests to finish (a server stops accepting
+        connections first; requests already on their way are still taken until `stop`)."""
         with self._cond:
-            self._accepting = False
             end = time.monotonic() + timeout
             while (self._queue or self._running) and time.monotonic() < end:
                 self._cond.wait(min(0.05, max(0.0, end - time.monotonic())))

@@ -122,6 +122,23 @@ def _concurrent(fns):
     return out
 
 
+def _post_in_background(url: str, body: dict, n: int):
+    """n POSTs in threads; (threads, results): a response, or the transport error of one that found the
+    listener closed."""
+    res: list = [None] * n
+
+    def post(i):
+        try:
+            res[i] = httpx.post(url, json=body, timeout=120)
+        except httpx.TransportError as e:
+            res[i] = e
+
+    workers = [threading.Thread(target=post, args=(i,)) for i in range(n)]
+    for t in workers:
+        t.start()
+    return workers, res
+
+
 def _metric(base: str, name: str) -> float:
     text = httpx.get(base + "/metrics").text
     m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
@@ -309,17 +326,7 @@ def test_queue_full_disconnect_and_graceful_shutdown(tiny_artifacts, images, tor
         assert h["running"] == 0 and h["queued"] == 0
 
         # SIGTERM with requests in flight: they finish, then the process ends
-        res = [None] * 4
-
-        def post(i):
-            try:
-                res[i] = httpx.post(url, json=body, timeout=120)
-            except httpx.TransportError as e:  # arrived after the listener closed
-                res[i] = e
-
-        workers = [threading.Thread(target=post, args=(i,)) for i in range(4)]
-        for t in workers:
-            t.start()
+        workers, res = _post_in_background(url, body, 4)
         end = time.monotonic() + 10
         while httpx.get(srv.base + "/health").json().get("running", 0) == 0 and time.monotonic() < end:
             time.sleep(0.005)
@@ -344,17 +351,7 @@ def test_shutdown_cancels_what_outlasts_the_timeout(tiny_artifacts, images, torc
     body = {"model": "qwen2-vl-tiny", "messages": msgs, "max_tokens": 64}
     with server(tiny_artifacts, torch_blocked, "--max-batch", "1", "--max-queue", "60", "--shutdown-timeout", "1") as srv:
         url = srv.base + "/v1/chat/completions"
-        res: list = [None] * 60
-
-        def post(i):
-            try:
-                res[i] = httpx.post(url, json=body, timeout=120)
-            except httpx.TransportError as e:  # cut off by the shutdown
-                res[i] = e
-
-        workers = [threading.Thread(target=post, args=(i,)) for i in range(60)]
-        for t in workers:
-            t.start()
+        workers, res = _post_in_background(url, body, 60)
         end = time.monotonic() + 20
         while httpx.get(srv.base + "/health").json().get("queued", 0) < 5 and time.monotonic() < end:
             time.sleep(0.01)

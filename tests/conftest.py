@@ -105,3 +105,16 @@ def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = N
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} did not answer 200 within {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM a server this test started (it shuts down gracefully), SIGKILL it past `timeout`."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

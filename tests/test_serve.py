@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import REPO, free_port, run_cli, wait_http
+from conftest import REPO, free_port, run_cli, stop_process, wait_http
 
 KEY = "sk-mmexport-test"
 
@@ -42,13 +42,7 @@ def server(artifacts: Path, blocked: Path, *args: str):
         proc.base = base
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         log.close()
 
 

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port, run_cli, wait_http
+from conftest import REPO, free_port, run_cli, stop_process, wait_http
 
 
 def _tritonserver() -> Path:
@@ -65,12 +64,7 @@ def triton(tiny_artifacts, torch_blocked, tmp_path_factory):
         wait_http(f"http://127.0.0.1:{http}/v2/health/ready", timeout=120, proc=proc)
         yield {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "log": root / "tritonserver.log"}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 60)
         log.close()
 
 

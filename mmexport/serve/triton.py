@@ -48,7 +48,7 @@ def config_pbtxt(name: str, instances: int, kind: str, params: dict[str, str], d
         f'name: "{name}"\nbackend: "python"\n'
         "# requests are batched inside each instance (continuous batching over the KV cache), not by Triton\n"
         "max_batch_size: 0\n"
-        + ("# decoupled: a request gets one response per generated token when its `stream` input is true\n"
+        + ("# decoupled: a request gets one response per generated token unless its `stream` input is false\n"
            if decoupled else "# not decoupled: one response per request (KServe v2 `infer` clients); no streaming\n")
         + f"model_transaction_policy {{\n  decoupled: {'true' if decoupled else 'false'}\n}}\n"
         f"input [\n{ins}\n]\noutput [\n{outs}\n]\n"

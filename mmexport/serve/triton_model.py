@@ -5,8 +5,8 @@ Written with --no-decoupled, each request gets one response (the `infer` endpoin
 gRPC clients, which refuse decoupled models); the requests of one `execute` call decode together.
 
 Needs, in the Python that Triton's Python backend runs (inside NVIDIA's container: `pip install mmexport`,
-no torch): numpy and mmexport. Decoupled: each request gets its answer as a stream of responses when its
-`stream` input is true (one per generated token: `text_output` holds the new text, `token_ids` the token),
+no torch): numpy and mmexport. Decoupled: each request gets its answer as a stream of responses unless its
+`stream` input is false (one per generated token: `text_output` holds the new text, `token_ids` the token),
 else as one response with the whole text and every token. All requests of an instance share one
 continuous-batching engine (mmexport/serve/engine.py): up to `max_batch` of them decode together.
 
@@ -127,7 +127,9 @@ class TritonPythonModel:
         seed = _scalar(request, "seed", None)
         sampling = SamplingParams(temperature=float(_scalar(request, "temperature", 0.0)),
                                   top_p=float(_scalar(request, "top_p", 1.0)), seed=None if seed is None else int(seed))
-        stream = bool(_scalar(request, "stream", False))
+        # a decoupled model streams unless told not to (`generate_stream` with text_input and max_tokens
+        # streams; Triton's one-response `generate` endpoint then needs "stream": false)
+        stream = bool(_scalar(request, "stream", self.decoupled))
         if stream and not allow_stream:
             raise ValueError("stream=true needs the decoupled model (written without --no-decoupled)")
         prep = self.pipe.prepare(texts[0].decode("utf-8"), images)

@@ -92,6 +92,7 @@ def build_cmd(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: artifacts/RECIPE].")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or fp16 [default: the recipe's].")] = None,
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4: weight-only MatMul quantization (ONNX Runtime only).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Decoder rows per call (`serve` batches that many requests) [default: the recipe's, or 8].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     engines: Annotated[bool, typer.Option("--engines", help="Also build TensorRT engines (as `mmexport engines`).")] = False,
     flavor: Annotated[str, typer.Option("--flavor", help="Engine flavour with --engines: auto, tensorrt, tensorrt-rtx.")] = "auto",
@@ -108,6 +109,8 @@ def build_cmd(
         r = checkpoint_build_recipe(recipe, max_context=max_context, max_images=max_images)
     else:
         r = with_limits(load_recipe(recipe), max_context=max_context, max_images=max_images)
+    if max_batch is not None:
+        r = r.with_max_batch(max_batch)
     if precision is not None and precision not in ("fp32", "fp16"):
         raise UserError(f"--precision must be fp32 or fp16, got {precision!r}")
     from .artifact.destination import Destination
@@ -231,10 +234,31 @@ def bench_cmd(
     interleave: Annotated[bool, typer.Option("--interleave/--sequential", help="With --vs-pytorch: keep both models loaded and alternate their timed runs (fair on a machine whose speed drifts), or run one model after the other (half the memory).")] = True,
     model: ModelOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the latency breakdown as a PNG.")] = None,
+    concurrency: Annotated[Optional[str], typer.Option("--concurrency", help="Serving benchmark instead: N concurrent streams against the batching engine, e.g. 1,4,8.")] = None,
+    requests: Annotated[int, typer.Option("--requests", min=1, help="With --concurrency: requests each stream sends, one after the other.")] = 2,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="With --concurrency: engine slots [default: the build's max_batch].")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Time one request: TTFT split (preprocess / vision / projector / prefill), decode tok/s, peak memory."""
+    """Time one request: TTFT split (preprocess / vision / projector / prefill), decode tok/s, peak memory.
+    With --concurrency: total tokens/s and TTFT of the serving engine under N concurrent streams."""
     from .bench import DEFAULT_PROMPT, bench, plot_bench, render_bench
+
+    if concurrency is not None:
+        from .serve.bench import render_serve_bench, serve_bench
+
+        try:
+            levels = [int(x) for x in concurrency.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--concurrency takes numbers separated by commas, got {concurrency!r}") from None
+        if not levels or min(levels) < 1 or vs_pytorch or plot:
+            raise UserError("--concurrency needs positive numbers and goes without --vs-pytorch and --plot")
+        rep = serve_bench(artifacts, levels, image, prompt or DEFAULT_PROMPT, new_tokens, requests=requests,
+                          max_batch=max_batch, backend=backend, log=_log)
+        if as_json:
+            print(json.dumps(rep.to_dict(), indent=2))
+        else:
+            render_serve_bench(rep, out)
+        return
 
     report = bench(artifacts, image=image, prompt=prompt or DEFAULT_PROMPT, new_tokens=new_tokens, repeat=repeat,
                    warmup=warmup, backend=backend, vs_pytorch=vs_pytorch, model=model, interleave=interleave, log=_log)
@@ -245,6 +269,64 @@ def bench_cmd(
         print(json.dumps(report.to_dict(), indent=2))
     else:
         render_bench(report, out)
+
+
+@app.command("serve")
+def serve_cmd(
+    artifacts: ArtifactDir,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback unless told otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Requests decoded together [default: the build's max_batch].")] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a slot; more get 429.")] = 64,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MMEXPORT_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 (or $MMEXPORT_API_KEY).")] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients use [default: the recipe's name].")] = None,
+    allowed_local_media: Annotated[Optional[Path], typer.Option("--allowed-local-media", help="Allow file:// image URLs below this directory.")] = None,
+    allow_remote_images: Annotated[bool, typer.Option("--allow-remote-images", help="Fetch http(s) image URLs (off: data: URLs only).")] = False,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body.")] = 32.0,
+    max_image_pixels: Annotated[int, typer.Option("--max-image-pixels", min=1, help="Largest image (width x height), checked before decoding.")] = 16_000_000,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, help="Seconds running requests get to finish on SIGINT/SIGTERM.")] = 30.0,
+    backend: Annotated[str, typer.Option("--backend", help="ort or trt.")] = "ort",
+) -> None:
+    """Serve a build over HTTP in OpenAI's chat-completions format, with continuous batching. Torch-free."""
+    from .runtime.manifest import load_manifest
+
+    try:
+        from .serve.app import ServeConfig, serve
+    except ImportError as e:
+        raise UserError(f"`mmexport serve` needs the serve extra (pip install 'mmexport[serve]'): {e}") from None
+    m = load_manifest(artifacts, check_files=False)
+    build_batch = int(m.limits.get("max_batch", 1))
+    if max_batch is not None and max_batch > build_batch:
+        raise UserError(f"--max-batch {max_batch}: this build's decoder takes at most {build_batch} rows (rebuild with `mmexport build --max-batch {max_batch}`)")
+    if allowed_local_media is not None and not allowed_local_media.is_dir():
+        raise UserError(f"--allowed-local-media {allowed_local_media}: not a directory")
+    cfg = ServeConfig(artifacts, backend=backend, max_batch=max_batch, max_queue=max_queue, api_key=api_key, model_name=model_name,
+                      max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
+                      local_media=allowed_local_media, remote_images=allow_remote_images, shutdown_timeout=shutdown_timeout)
+    _log(f"serving {artifacts} on http://{host}:{port}/v1 ({max_batch or build_batch} slots)")
+    serve(cfg, host=host, port=port)
+
+
+@app.command("triton")
+def triton_cmd(
+    artifacts: ArtifactDir,
+    out_dir: Annotated[Path, typer.Option("--out", help="Model repository directory (created if needed).")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Model name [default: the recipe's name].")] = None,
+    instances: Annotated[int, typer.Option("--instances", min=1, help="Model instances (each loads the build and batches its own requests).")] = 1,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Requests each instance decodes together [default: the build's].")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="ort or trt (TensorRT engines from `mmexport engines`).")] = "ort",
+    kind: Annotated[str, typer.Option("--kind", help="Instance kind: cpu or gpu (one instance group per GPU).")] = "cpu",
+    artifact_path: Annotated[Optional[str], typer.Option("--artifact-path", help="Reference the build at this path on the serving machine instead of linking it into the repository.")] = None,
+    decoupled: Annotated[bool, typer.Option("--decoupled/--no-decoupled", help="Decoupled: streamed tokens (gRPC streams, generate_stream); not: one response per request (KServe v2 `infer` over HTTP).")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace a model this command wrote before.")] = False,
+) -> None:
+    """Write a Triton Inference Server model repository (Python backend, decoupled streaming) that serves the build."""
+    from .serve.triton import write_repository
+
+    model_dir = write_repository(artifacts, out_dir, name=name, instances=instances, max_batch=max_batch, backend=backend,
+                                 kind=kind, artifact_path=artifact_path, force=force, decoupled=decoupled)
+    _log(f"wrote {model_dir} ({instances} instance(s), {kind}, {backend}); run: tritonserver --model-repository {out_dir}")
+    print(str(model_dir))
 
 
 @app.command("engines")

@@ -18,3 +18,7 @@ class Terminated(BaseException):
     """SIGTERM arrived: unwinds like KeyboardInterrupt, so `finally` blocks remove temporary files."""
 
     exit_code = 143
+
+
+class PromptTooLong(UserError):
+    """The prompt does not fit the build's context (the server answers OpenAI's context_length_exceeded)."""

@@ -2,7 +2,7 @@
 
 A recipe names a model family (the adapter that knows the architecture), a weight source (a Hugging
 Face id or local directory, or a `synthetic` block that builds a tiny seeded checkpoint offline),
-limits (images per prompt, context, new tokens), export precision, and parity tolerances.
+limits (images per prompt, context, new tokens, decoder batch rows), export precision, and parity tolerances.
 """
 from __future__ import annotations
 
@@ -43,11 +43,17 @@ class Tolerance:
         )
 
 
+DEFAULT_MAX_BATCH = 8
+
+
 @dataclass(frozen=True)
 class Limits:
     max_images: int
     max_context: int
     max_new_tokens: int
+    # rows the decoder graph takes at once (`mmexport serve` decodes that many requests per step);
+    # the traced batch axis is dynamic 1..max_batch, and TensorRT's decode profile covers it
+    max_batch: int = DEFAULT_MAX_BATCH
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,13 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return self.raw
 
+    def with_max_batch(self, max_batch: int) -> "Recipe":
+        """This recipe with another `[limits] max_batch` (`mmexport build --max-batch`)."""
+        import dataclasses
+
+        raw = {**self.raw, "limits": {**self.raw.get("limits", {}), "max_batch": max_batch}}
+        return dataclasses.replace(self, limits=dataclasses.replace(self.limits, max_batch=max_batch), raw=raw)
+
 
 def _require(d: dict[str, Any], key: str, where: str) -> Any:
     if key not in d:
@@ -93,6 +106,9 @@ def parse_recipe(data: dict[str, Any], name: str, path: Path | None = None) -> R
     precision = exp.get("precision", "fp32")
     if precision not in ("fp32", "fp16"):
         raise UserError(f"{where}: export.precision must be fp32 or fp16, got {precision!r}")
+    max_batch = int(lim.get("max_batch", DEFAULT_MAX_BATCH))
+    if max_batch < 1:
+        raise UserError(f"{where}: limits.max_batch must be at least 1, got {max_batch}")
     tols = {k: Tolerance.from_dict(v) for k, v in _require(data, "tolerances", where).items()}
     task = data.get("task")
     if task is not None:
@@ -111,6 +127,7 @@ def parse_recipe(data: dict[str, Any], name: str, path: Path | None = None) -> R
             max_images=int(_require(lim, "max_images", where)),
             max_context=int(_require(lim, "max_context", where)),
             max_new_tokens=int(_require(lim, "max_new_tokens", where)),
+            max_batch=max_batch,
         ),
         precision=precision,
         opset=int(exp.get("opset", 18)),

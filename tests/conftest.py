@@ -68,3 +68,53 @@ def mllama_artifacts(cache_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("build") / "llama-3.2-vision-tiny"
     run_cli("build", "llama-3.2-vision-tiny", "--out", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def torch_blocked(tmp_path_factory) -> Path:
+    """A directory that, first on PYTHONPATH, makes `import torch` / `import transformers` fail."""
+    block = tmp_path_factory.mktemp("block")
+    for mod in ("torch", "transformers"):
+        (block / mod).mkdir()
+        (block / mod / "__init__.py").write_text(f"raise ImportError('{mod} is blocked in this test')\n")
+    return block
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll `url` until it answers 200 (bounded); fail early if `proc` exits."""
+    import time
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer 200 within {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM a server this test started (it shuts down gracefully), SIGKILL it past `timeout`."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -128,9 +128,12 @@ def test_run_works_with_torch_and_transformers_unimportable(tiny_artifacts, imag
     # and the runtime package really does not import them
     import subprocess, sys
 
-    code = "import sys, mmexport.runtime.pipeline, mmexport.runtime.backends, mmexport.families.qwen2_vl.runtime, mmexport.families.qwen3_vl.runtime, " \
-           "mmexport.families.mllama.runtime, " \
-           "mmexport.tasks.shapes, mmexport.cli; " \
+    # every family's runtime (from the one registry), the runtime, the server and the CLI
+    code = "import sys, importlib; from mmexport.families import all_families; " \
+           "[importlib.import_module(f.runtime.split(':')[0]) for f in all_families()]; " \
+           "import mmexport.runtime.pipeline, mmexport.runtime.backends, mmexport.runtime.batch, " \
+           "mmexport.tasks.shapes, mmexport.cli, mmexport.serve.engine, mmexport.serve.app, " \
+           "mmexport.serve.openai_api, mmexport.serve.metrics, mmexport.serve.bench, mmexport.serve.triton; " \
            "bad=[m for m in ('torch','transformers') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(REPO)})
 

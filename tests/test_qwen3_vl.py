@@ -235,7 +235,8 @@ def test_lint_clean_and_tensorrt_rtx_builds_every_component(build, tmp_path):
     assert set(meta["components"]) == {"vision_encoder", "projector", "embed_tokens", "decoder"}
     assert all((engine_dir / c["engine"]).stat().st_size > 0 for c in meta["components"].values())
     assert meta["components"]["decoder"]["profile_names"] == ["prefill", "decode"]
-    assert meta["components"]["decoder"]["input_shapes"]["decode"]["deepstack_embeds"]["max"] == [2, 1, 1, 96]
+    rows = json.loads((art / "manifest.json").read_text())["limits"]["max_batch"]  # the decode profile's batch rows
+    assert meta["components"]["decoder"]["input_shapes"]["decode"]["deepstack_embeds"]["max"] == [2, rows, 1, 96]
 
 
 # -- another checkpoint, no recipe ----------------------------------------------------------------------

@@ -147,6 +147,7 @@ def _build_into(dest: Destination, recipe: Recipe, model: str | None, precision:
                 "max_images": recipe.limits.max_images,
                 "max_context": recipe.limits.max_context,
                 "max_new_tokens": recipe.limits.max_new_tokens,
+                "max_batch": recipe.limits.max_batch,
             },
             "components": comps,
             "tokenizer": tok,

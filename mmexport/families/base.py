@@ -42,6 +42,11 @@ class StaticKVCache:
     like) or 0 (the first prefill of a request, when the cache is empty: the runtime passes zero-length
     views, so the prompt attends only to itself instead of to `capacity` masked slots). Each is a
     TensorRT optimization profile.
+
+    The batch axis is dynamic, 1..max_batch (the recipe's `[limits] max_batch`): `mmexport serve` keeps
+    one request per row of a `[max_batch, ...]` cache and decodes the active rows in one call; each row
+    has its own cache_mask, positions and length. Export traces a batch of 2 (torch.export specializes
+    sizes 0 and 1). Prefill runs one request at a time (batch 1); the decode profile covers 1..max_batch.
     """
 
     layers: list[int]  # layer indices that have a self-attention cache
@@ -74,20 +79,25 @@ class StaticKVCache:
         return {"cache_len": Dim("cache_len", 0, self.capacity, self.capacity)}
 
     def profiles(self) -> dict[str, dict[str, Dim]]:
-        """The decoder's TensorRT profiles: prefill (any prompt length, empty or full cache), decode (static)."""
-        ctx = self.capacity
+        """The decoder's TensorRT profiles: prefill (one request, any prompt length, empty or full cache), decode
+        (one token for each of 1..max_batch rows over the whole cache)."""
+        ctx, b = self.capacity, self.max_batch
         return {
-            "prefill": {"seq_len": Dim("seq_len", 1, min(256, ctx), ctx), "cache_len": Dim("cache_len", 0, 0, ctx)},
-            "decode": {"seq_len": Dim("seq_len", 1, 1, 1), "cache_len": Dim("cache_len", ctx, ctx, ctx)},
+            "prefill": {"batch": Dim("batch", 1, 1, 1), "seq_len": Dim("seq_len", 1, min(256, ctx), ctx),
+                        "cache_len": Dim("cache_len", 0, 0, ctx)},
+            "decode": {"batch": Dim("batch", 1, b, b), "seq_len": Dim("seq_len", 1, 1, 1), "cache_len": Dim("cache_len", ctx, ctx, ctx)},
         }
 
 
-def text_cache(text_config, capacity: int, layers: Sequence[int] | None = None) -> StaticKVCache:
-    """The static cache of a Hugging Face text config (every layer unless `layers` says which)."""
+def text_cache(text_config, limits: Any, layers: Sequence[int] | None = None) -> StaticKVCache:
+    """The static cache of a Hugging Face text config (every layer unless `layers` says which), sized by a
+    recipe's limits (context and batch rows; a bare int is a context for one row)."""
+    capacity, max_batch = (limits, 1) if isinstance(limits, int) else (limits.max_context, limits.max_batch)
     heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     kv = getattr(text_config, "num_key_value_heads", None) or heads
-    return StaticKVCache(list(range(text_config.num_hidden_layers)) if layers is None else list(layers), kv, head_dim, capacity)
+    return StaticKVCache(list(range(text_config.num_hidden_layers)) if layers is None else list(layers), kv, head_dim,
+                         capacity, max_batch=max_batch)
 
 
 class FamilyAdapter:

@@ -120,11 +120,14 @@ def _replace_output(fn):
 
 
 def decoder_example(spec: ComponentSpec, seed: int = 1234, seq: int = 7, past: int = 5, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Example inputs for tracing: a `seq`-token step after `past` cached tokens, every dynamic size off 0/1
-    (the tracer would specialize those) and off the sizes verify feeds. `overrides` replaces any input."""
+    """Example inputs for tracing: a `seq`-token step after cached tokens, every dynamic size off 0/1 (the tracer
+    would specialize those) and off the sizes verify feeds. When the build batches, two rows with their own cache
+    lengths and positions (row b has `past - b` cached tokens), as the server's slots have. `overrides` replaces
+    any input."""
     g = torch.Generator().manual_seed(seed)
     ctx = spec.dims["cache_len"].max
     batch = min(2, spec.dims["batch"].max)
+    pasts = [past - b for b in range(batch)]
     sizes = {"batch": batch, "seq_len": seq, "cache_len": ctx}
     for name, d in spec.dims.items():  # a family's own dims: a size inside the range, off 0/1 where possible
         sizes.setdefault(name, min(d.max, max(d.min, 2)))
@@ -136,11 +139,12 @@ def decoder_example(spec: ComponentSpec, seed: int = 1234, seq: int = 7, past: i
             continue
         shape = tuple(sizes.get(d, d) if isinstance(d, str) else d for d in t.shape)
         if t.name == "position_ids":
-            pos = torch.arange(past, past + seq).view(1, seq)
+            pos = torch.stack([torch.arange(p, p + seq) for p in pasts])  # [batch, seq]
             out[t.name] = pos.expand(*shape).contiguous()
         elif t.name == "cache_mask":
             m = torch.zeros(shape, dtype=torch.int64)
-            m[:, :past] = 1
+            for b, p in enumerate(pasts):
+                m[b, :p] = 1
             out[t.name] = m
         elif t.dtype == "int64":
             out[t.name] = torch.zeros(shape, dtype=torch.int64)

@@ -7,6 +7,7 @@ preprocessing and positions; the generic pipeline (pipeline.py) only calls these
   prompt_embeds(pipe, prep, state)     -> [1, S, hidden]  the prompt's decoder input
   prefill_feeds(prep, state)           -> extra decoder inputs for the prompt
   step_feeds(prep, state, start)       -> extra decoder inputs for one generated token at `start`
+  request_inputs(state)                -> the part of those fixed for the request (kept per slot when batching)
 
 Method A (EmbeddingMerge: Qwen2-VL, LLaVA, SmolVLM): vision encoder -> projector -> image embeddings
 written over the image placeholder tokens; the decoder is a plain LLM.
@@ -47,6 +48,11 @@ class FamilyRuntime:
 
     def prompt_extras(self, input_ids: np.ndarray, images: Sequence[Any]) -> dict[str, np.ndarray]:
         """Further per-prompt arrays the decoder needs (Method B: the cross-attention mask)."""
+        return {}
+
+    def request_inputs(self, state) -> dict[str, np.ndarray]:
+        """Decoder inputs fixed for the whole request (Method B: the cross K/V), part of every step's feeds;
+        a batching runtime keeps them per slot instead of gathering them each step."""
         return {}
 
 
@@ -146,6 +152,9 @@ class CrossAttention(FamilyRuntime):
 
     def prompt_embeds(self, pipe, prep, state: CrossState) -> np.ndarray:
         return pipe.embed(prep.input_ids)
+
+    def request_inputs(self, state: CrossState) -> dict[str, np.ndarray]:
+        return state.feeds
 
     def _feeds(self, state: CrossState, positions: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         return {

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import PromptTooLong, UserError
 from .backends import make_runner
 from .image import load_image
 from .manifest import load_manifest
@@ -95,6 +95,15 @@ class KVCache:
             return {"cache_mask": self.mask[:, :0], **{n: a[:, :, :0] for n, a in self.arrays.items()}}
         return {"cache_mask": self.mask, **self.arrays}
 
+    def row(self, i: int) -> "KVCache":
+        """Row `i` as a cache of its own (batch 1, its own length): views of this cache's buffers, so what
+        it writes lands in row i of the shared buffers (the batching runtime gives each request a row)."""
+        r = object.__new__(KVCache)
+        r.names, r.empty_views, r.capacity, r.length = self.names, self.empty_views, self.capacity, 0
+        r.arrays = {n: a[i : i + 1] for n, a in self.arrays.items()}
+        r.mask = self.mask[i : i + 1]
+        return r
+
     def append(self, outputs: dict[str, np.ndarray]) -> None:
         """Write this step's keys/values (outputs `key_i`/`value_i`) after the filled slots."""
         n = 0
@@ -147,6 +156,17 @@ class Pipeline:
     # -- pieces (verify calls these one by one) -----------------------------------------------------
     def prepare(self, prompt: str, images: Sequence[Any] = (), raw_prompt: bool = False) -> Prepared:
         """Render, expand and tokenize the prompt; preprocess the images (paths or PIL images)."""
+        encoded = self._preprocess(images)
+        text = prompt if raw_prompt else self.prompts.render(user_message(prompt, len(encoded)))
+        return self._prepare_text(text, encoded)
+
+    def prepare_chat(self, messages: list[dict[str, Any]], images: Sequence[Any] = ()) -> Prepared:
+        """A whole conversation (system/user/assistant turns; `{"type": "image"}` content parts in the order
+        of `images`) rendered with the chat template, as `prepare` renders one user turn."""
+        encoded = self._preprocess(images)
+        return self._prepare_text(self.prompts.render(messages), encoded)
+
+    def _preprocess(self, images: Sequence[Any]) -> list[Any]:
         if len(images) > self.max_images:
             raise UserError(f"{len(images)} images given; this build allows at most {self.max_images} per prompt")
         encoded = []
@@ -155,14 +175,16 @@ class Pipeline:
             enc = self.family.preprocess(pil)
             self._check_vision_input(i, im, pil, enc)
             encoded.append(enc)
-        text = prompt if raw_prompt else self.prompts.render(user_message(prompt, len(encoded)))
+        return encoded
+
+    def _prepare_text(self, text: str, encoded: list[Any]) -> Prepared:
         if encoded or self.family.image_token in text:
             text = PromptBuilder.expand_placeholders(text, self.family.image_token, [self.family.image_token_count(e) for e in encoded])
         ids = np.asarray(self.prompts.encode(text), dtype=np.int64)
         if len(ids) == 0:
             raise UserError("the prompt is empty")
         if len(ids) >= self.max_context:
-            raise UserError(f"the prompt is {len(ids)} tokens; this build's context is {self.max_context} tokens")
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens; this build's context is {self.max_context} tokens")
         pos, delta = self.family.prompt_positions(ids, encoded)
         return Prepared(ids, encoded, pos, delta, text, self.family.prompt_extras(ids, encoded))
 
@@ -234,7 +256,7 @@ class Pipeline:
 
         budget = min(max_new_tokens, self.max_context - len(prep.input_ids))
         sampler = Sampler(sampling)
-        stream = _TextStream(self.prompts, stop, on_text)
+        stream = TextStream(self.prompts, stop, on_text)
         generated: list[int] = []
         reason = "length"
         while len(generated) < budget:
@@ -257,7 +279,7 @@ class Pipeline:
         return GenerationResult(stream.text, generated, int(len(prep.input_ids)), reason, timings, calls)
 
 
-class _TextStream:
+class TextStream:
     """Incremental detokenization with stop strings; emits only complete characters."""
 
     def __init__(self, prompts: PromptBuilder, stop: Sequence[str], on_text: Callable[[str], None] | None):

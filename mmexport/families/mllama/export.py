@@ -257,7 +257,7 @@ class MllamaAdapter(MllamaReference, FamilyAdapter):
 
         f = "float32"
         tiles = Dim("cross_tiles", 1, T, recipe.limits.max_images * T)
-        cache = text_cache(model.config.text_config, ctx, s["self_layers"])
+        cache = text_cache(model.config.text_config, recipe.limits, s["self_layers"])
         cross_in, cross_out = [], []
         for j in s["cross"]:
             for kind in ("key", "value"):
@@ -317,13 +317,16 @@ class MllamaAdapter(MllamaReference, FamilyAdapter):
         ar_mask = torch.zeros(T, dtype=torch.int64)
         ar_mask[: min(2, T)] = 1
         tiles, seq = min(2, recipe.limits.max_images) * T, 7
-        batch = min(2, specs["decoder"].dims["batch"].max)
-        cmask = torch.zeros(batch, seq, tiles, dtype=torch.int64)
-        cmask[:, 2:, : tiles - 1] = 1
+        # batch rows (2 when the build batches: a size of 1 would be specialized) with their own cache lengths,
+        # positions and images (decoder_example): row 0 has an image whose tiles its tokens from the third on
+        # see, all but one; row 1 is text-only (has_image 0, no tile)
+        B = min(2, specs["decoder"].dims["batch"].max)
+        cmask = torch.zeros(B, seq, tiles, dtype=torch.int64)
+        cmask[0, 2:, : tiles - 1] = 1
         dec = decoder_example(specs["decoder"], seq=seq, overrides={
             "cross_attention_mask": cmask,
-            "has_image": torch.ones(batch, dtype=torch.int64),
-            **{f"cross_{kind}_{j}": torch.randn(batch, s["kv_heads"], tiles, P, s["head_dim"], generator=g)
+            "has_image": (torch.arange(B) == 0).to(torch.int64),
+            **{f"cross_{kind}_{j}": torch.randn(B, s["kv_heads"], tiles, P, s["head_dim"], generator=g)
                for j in s["cross"] for kind in ("key", "value")},
         })
         vm = model.model.vision_model
@@ -342,7 +345,7 @@ class MllamaAdapter(MllamaReference, FamilyAdapter):
             ExportComponent(specs["cross_kv"], CrossKV([lm.layers[j] for j in s["cross"]]).eval(),
                             {"cross_states": torch.randn(tiles, P, s["hidden"], generator=g)}),
             ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(),
-                            {"input_ids": torch.randint(0, s["vocab"], (1, seq), generator=g)}),
+                            {"input_ids": torch.randint(0, s["vocab"], (B, seq), generator=g)}),
             ExportComponent(specs["decoder"], Decoder(specs["decoder"], lm, model.lm_head, P).eval(), dec),
         ]
 

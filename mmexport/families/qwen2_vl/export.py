@@ -211,7 +211,7 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
 
         s = self._sizes(model)
         tc = model.config.text_config
-        cache = text_cache(tc, recipe.limits.max_context)
+        cache = text_cache(tc, recipe.limits)
         return [*self._vision_specs(model, s, self._patches(model_dir, s["merge"])), embed_spec(tc.hidden_size, cache),
                 self._decoder_spec(model, cache)]
 
@@ -262,7 +262,7 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
         vocab = model.config.text_config.vocab_size
         return [
             *self._vision_components(model, specs, s, grid, g),
-            ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(), {"input_ids": torch.randint(0, vocab, (1, 7), generator=g)}),
+            ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(), {"input_ids": torch.randint(0, vocab, (min(2, specs["embed_tokens"].dims["batch"].max), 7), generator=g)}),
             ExportComponent(specs["decoder"], self._decoder_module(model, specs["decoder"]).eval(), decoder_example(specs["decoder"])),
         ]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ...errors import UserError
 from ...recipes import Recipe
@@ -61,12 +61,27 @@ CHAT_TEMPLATE = (
 )
 
 
-def vision_encoder_module(visual):
-    """Qwen2-VL's ViT for one image: pixel_values [P, C*T*p*p], rotary cos/sin [P, head_dim] -> hidden [P, embed_dim].
-
-    The checkpoint's own modules; only the attention glue is written out (one image = full attention, no
-    cu_seqlens splits), softmax in fp32."""
+def attend(q, k, v, scaling: float, bias=None):
+    """softmax(q·kᵀ · scaling + bias) · v over [..., heads, length, head_dim], the softmax in fp32."""
     import torch
+
+    w = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    w = w.float() if bias is None else w.float() + bias
+    return torch.matmul(torch.softmax(w, dim=-1).to(q.dtype), v)
+
+
+def full_attention(block: int, q, k, v, scaling: float):
+    """Every patch of the image attends to every other: q, k, v [P, H, D] -> [P, H, D]."""
+    return attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scaling).transpose(0, 1)
+
+
+def vision_encoder_module(visual, attention: Callable[..., Any] = full_attention):
+    """Qwen2-VL's ViT for one image: pixel_values [P, C*T*p*p], rotary cos/sin [P, head_dim] (+ any inputs
+    `attention` takes) -> hidden [P, embed_dim].
+
+    The checkpoint's own modules (Qwen2.5-VL's blocks have the same shape); only the attention glue is written
+    out: `attention(block_index, q, k, v, scaling, *inputs after the rotary tables)` -> [P, H, D] from q, k, v
+    [P, H, D] with the rotary applied. The default is full attention over the one image (no cu_seqlens splits)."""
     from torch import nn
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
@@ -78,32 +93,27 @@ def vision_encoder_module(visual):
             # Conv3d with kernel == stride over pre-flattened patches is a MatMul; trace it as one.
             self.patch_weight = nn.Parameter(pe.proj.weight.detach().reshape(pe.embed_dim, -1).clone(), requires_grad=False)
 
-        def forward(self, pixel_values, rotary_cos, rotary_sin):
+        def forward(self, pixel_values, rotary_cos, rotary_sin, *layout):
             x = pixel_values.to(self.patch_weight.dtype) @ self.patch_weight.t()
             n = x.shape[0]
-            for blk in self.blocks:
+            for i, blk in enumerate(self.blocks):
                 attn = blk.attn
-                h = blk.norm1(x)
-                q, k, v = attn.qkv(h).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+                q, k, v = attn.qkv(blk.norm1(x)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
                 q, k = apply_rotary_pos_emb_vision(q, k, rotary_cos, rotary_sin)
-                q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, P, D]
-                w = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
-                w = torch.softmax(w.float(), dim=-1).to(q.dtype)
-                o = torch.matmul(w, v).transpose(0, 1).reshape(n, -1)  # [P, H*D]
-                x = x + attn.proj(o)
+                x = x + attn.proj(attention(i, q, k, v, attn.scaling, *layout).reshape(n, -1))
                 x = x + blk.mlp(blk.norm2(x))
             return x
 
     return VisionEncoder(visual)
 
 
-def _example_grid(patches: Dim, merge: int) -> tuple[int, int]:
+def _example_grid(patches: Dim, merge: int, accept: Callable[[int, int], bool] = lambda h, w: True) -> tuple[int, int]:
     """A non-square patch grid (sides multiples of `merge`) with a patch count inside the declared
     num_patches range (torch.export rejects a traced size outside it) and off its opt value, as close
-    to 6x10 as that range allows."""
+    to 6x10 as that range allows (among the grids `accept` takes)."""
     sides = range(merge, patches.max // merge + 1, merge)
     ok = [(abs(h * w - 60) + abs(h - 6), h, w) for h in sides for w in sides
-          if h < w and patches.min <= h * w <= patches.max and h * w != patches.opt]
+          if h < w and patches.min <= h * w <= patches.max and h * w != patches.opt and accept(h, w)]
     if not ok:
         raise ValueError(f"no example image grid fits num_patches in [{patches.min}, {patches.max}]")
     _, h, w = min(ok)
@@ -112,28 +122,32 @@ def _example_grid(patches: Dim, merge: int) -> tuple[int, int]:
 
 class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
     model_class = "Qwen2VLForConditionalGeneration"
+    config_class = "Qwen2VLConfig"
+    special_tokens = SPECIAL_TOKENS
+    chat_template = CHAT_TEMPLATE
 
     # -- checkpoints ---------------------------------------------------------------------------
-    @staticmethod
-    def synthetic_parts(syn: dict[str, Any], attn_implementation: str | None = None):
+    @classmethod
+    def synthetic_parts(cls, syn: dict[str, Any], attn_implementation: str | None = None):
         """A fresh checkpoint from a `[source.synthetic]` table: (model, tokenizer, image processor,
-        generation config) — the in-repo BPE tokenizer with Qwen2-VL's special tokens and chat template.
+        generation config) — the in-repo BPE tokenizer with the family's special tokens and chat template.
         `init_std` (default 0.08) redraws every weight matrix from N(0, init_std); 0 keeps transformers'
         own initialization (scripts/train_shapes.py starts training from it)."""
         import torch
+        import transformers
 
-        from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        from transformers import GenerationConfig, PreTrainedTokenizerFast
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        tok = train_bpe_tokenizer(SPECIAL_TOKENS, int(syn.get("tokenizer_vocab_size", 1024)))
-        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        tok = train_bpe_tokenizer(list(cls.special_tokens), int(syn.get("tokenizer_vocab_size", 1024)))
+        ids = {t: tok.token_to_id(t) for t in cls.special_tokens}
         text = dict(syn["text_config"])
         # the embedding has at least the tokenizer's rows, padded like real checkpoints do, or the
         # recipe's vocab_size (a benchmark recipe asks for a real model's 151,936 rows)
         vocab = max(int(text.pop("vocab_size", 0)), -(-tok.get_vocab_size() // 64) * 64)
         tie = bool(text.pop("tie_word_embeddings", True))
         text.update(vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-        config = Qwen2VLConfig(
+        config = getattr(transformers, cls.config_class)(
             text_config=text,
             vision_config=dict(syn["vision_config"]),
             image_token_id=ids["<|image_pad|>"],
@@ -144,7 +158,7 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
         )
         config.text_config.tie_word_embeddings = tie
         torch.manual_seed(int(syn.get("seed", 0)))
-        model = Qwen2VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32).eval()
+        model = getattr(transformers, cls.model_class)._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32).eval()
         init_std = float(syn.get("init_std", 0.08))
         if init_std:
             # A wider init than HF's 0.02 so random logits are well separated: greedy parity between
@@ -162,17 +176,20 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
         )
         model.generation_config = generation
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.chat_template = cls.chat_template
         return model, tokenizer, Qwen2VLImageProcessorPil(**dict(syn.get("preprocessor", {}))), generation
 
     # -- declarations --------------------------------------------------------------------------
-    @staticmethod
-    def _sizes(model) -> dict[str, int]:
+    vision_width = "embed_dim"  # the vision config's name for the ViT width (its hidden_size is the LLM's)
+
+    @classmethod
+    def _sizes(cls, model) -> dict[str, int]:
         vc = model.config.vision_config
+        width = getattr(vc, cls.vision_width)
         return dict(
             patch_dim=vc.in_channels * vc.temporal_patch_size * vc.patch_size**2,
-            embed_dim=vc.embed_dim,
-            v_head_dim=vc.embed_dim // vc.num_heads,
+            embed_dim=width,
+            v_head_dim=width // vc.num_heads,
             merge=vc.spatial_merge_size,
         )
 
@@ -191,28 +208,44 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
         cache = text_cache(tc, recipe.limits.max_context)
         f = "float32"
         return [
-            ComponentSpec(
-                "vision_encoder",
-                inputs=(
-                    TensorSpec("pixel_values", f, ("num_patches", s["patch_dim"]), "one image's patches, merge-block order"),
-                    TensorSpec("rotary_cos", f, ("num_patches", s["v_head_dim"]), "2D rotary cos table"),
-                    TensorSpec("rotary_sin", f, ("num_patches", s["v_head_dim"]), "2D rotary sin table"),
-                ),
-                outputs=(TensorSpec("vision_hidden", f, ("num_patches", s["embed_dim"])),),
-                dims={"num_patches": patches},
-                doc="patch embedding + ViT blocks, one image per call",
-            ),
+            self.vision_spec(s, patches, pre),
             ComponentSpec(
                 "projector",
                 inputs=(TensorSpec("vision_hidden", f, ("num_patches", s["embed_dim"])),),
                 outputs=(TensorSpec("image_embeds", f, ("num_tokens", tc.hidden_size)),),
                 dims={"num_patches": patches},
-                doc="PatchMerger: LayerNorm, 2x2 merge, MLP",
+                doc="the checkpoint's PatchMerger: norm, 2x2 merge, MLP",
             ),
             embed_spec(tc.hidden_size, cache),
             decoder_spec(cache, tc.hidden_size, tc.vocab_size, positions="mrope",
                          doc="Qwen2 decoder with M-RoPE over a static KV cache (capacity = context)"),
         ]
+
+    patch_order = "merge-block order"  # of the vision encoder's patch rows
+
+    def vision_spec(self, s: dict[str, int], patches: Dim, pre: Qwen2VLImageParams) -> ComponentSpec:
+        f = "float32"
+        return ComponentSpec(
+            "vision_encoder",
+            inputs=(
+                TensorSpec("pixel_values", f, ("num_patches", s["patch_dim"]), f"one image's patches, {self.patch_order}"),
+                TensorSpec("rotary_cos", f, ("num_patches", s["v_head_dim"]), f"2D rotary cos table, {self.patch_order}"),
+                TensorSpec("rotary_sin", f, ("num_patches", s["v_head_dim"]), f"2D rotary sin table, {self.patch_order}"),
+            ),
+            outputs=(TensorSpec("vision_hidden", f, ("num_patches", s["embed_dim"]), self.patch_order),),
+            dims={"num_patches": patches},
+            doc="patch embedding + ViT blocks, one image per call",
+        )
+
+    def vision_component(self, model, spec: ComponentSpec, g) -> ExportComponent:
+        import torch
+
+        s = self._sizes(model)
+        # an image grid the recipe's pixel range allows (about 6x10 patches), off the opt size
+        gh, gw = _example_grid(spec.dims["num_patches"], s["merge"])
+        cos, sin = vision_rotary_tables(gh, gw, s["merge"], s["v_head_dim"], _vision_theta(model.config.vision_config))
+        example = {"pixel_values": torch.randn(gh * gw, s["patch_dim"], generator=g), "rotary_cos": torch.from_numpy(cos), "rotary_sin": torch.from_numpy(sin)}
+        return ExportComponent(spec, vision_encoder_module(model.model.visual).eval(), example)
 
     def components(self, model, recipe: Recipe, model_dir: Path) -> list[ExportComponent]:
         import torch
@@ -221,21 +254,14 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
         from ..parts import EmbedTokens, ModuleCall
 
         s = self._sizes(model)
-        vc = model.config.vision_config
         specs = {c.name: c for c in self.specs(model, recipe, model_dir)}
         g = torch.Generator().manual_seed(1234)
-        # an image grid the recipe's pixel range allows (about 6x10 patches), off the opt size
-        gh, gw = _example_grid(specs["vision_encoder"].dims["num_patches"], s["merge"])
-        n = gh * gw
-        cos, sin = vision_rotary_tables(gh, gw, s["merge"], s["v_head_dim"], _vision_theta(vc))
+        vision = self.vision_component(model, specs["vision_encoder"], g)
+        n = vision.example["pixel_values"].shape[0]
         lm = model.model.language_model
         vocab = model.config.text_config.vocab_size
         return [
-            ExportComponent(
-                specs["vision_encoder"],
-                vision_encoder_module(model.model.visual).eval(),
-                {"pixel_values": torch.randn(n, s["patch_dim"], generator=g), "rotary_cos": torch.from_numpy(cos), "rotary_sin": torch.from_numpy(sin)},
-            ),
+            vision,
             ExportComponent(specs["projector"], ModuleCall(model.model.visual.merger).eval(), {"vision_hidden": torch.randn(n, s["embed_dim"], generator=g)}),
             ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(), {"input_ids": torch.randint(0, vocab, (1, 7), generator=g)}),
             ExportComponent(specs["decoder"], StaticCacheDecoder(specs["decoder"], lm, model.lm_head).eval(), decoder_example(specs["decoder"])),

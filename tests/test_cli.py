@@ -128,7 +128,7 @@ def test_run_works_with_torch_and_transformers_unimportable(tiny_artifacts, imag
     # and the runtime package really does not import them
     import subprocess, sys
 
-    code = "import sys, mmexport.runtime.pipeline, mmexport.runtime.backends, mmexport.families.qwen2_vl.runtime, mmexport.families.mllama.runtime, " \
+    code = "import sys, mmexport.runtime.pipeline, mmexport.runtime.backends, mmexport.families.qwen2_vl.runtime, mmexport.families.qwen2_5_vl.runtime, mmexport.families.mllama.runtime, " \
            "mmexport.tasks.shapes, mmexport.cli; " \
            "bad=[m for m in ('torch','transformers') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(REPO)})

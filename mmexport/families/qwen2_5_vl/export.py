@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Sequence
 
+import numpy as np
+
 from ...spec import ComponentSpec, Dim, TensorSpec
 from ..base import ExportComponent
 from ..qwen2_vl.export import (CHAT_TEMPLATE, SPECIAL_TOKENS as QWEN2_VL_SPECIAL_TOKENS, Qwen2VLAdapter, _example_grid, _vision_theta,
                                attend, full_attention, vision_encoder_module)
 from ..qwen2_vl.image import Qwen2VLImageParams
-from ..qwen2_vl.runtime import vision_rotary_tables
-from .runtime import count_windows, window_layout
+from .runtime import count_windows, window_feeds
 
 # Qwen2.5's tokenizer: Qwen2-VL's special tokens, then tool-call and fill-in-the-middle tokens (ids 151657-151664)
 SPECIAL_TOKENS = [*QWEN2_VL_SPECIAL_TOKENS, "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
@@ -112,15 +113,9 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
             return 2 <= c <= windows.max and c not in (h * w, slots)
 
         gh, gw = _example_grid(spec.dims["num_patches"], merge, several_windows)
-        lay = window_layout(gh, gw, merge, win)
-        cos, sin = vision_rotary_tables(gh, gw, merge, s["v_head_dim"], _vision_theta(model.config.vision_config))
-        example = {
-            "pixel_values": torch.randn(gh * gw, s["patch_dim"], generator=g),
-            "rotary_cos": torch.from_numpy(cos[lay.patch_order]),
-            "rotary_sin": torch.from_numpy(sin[lay.patch_order]),
-            "window_index": torch.from_numpy(lay.window_index.copy()),
-            "patch_slots": torch.from_numpy(lay.patch_slots.copy()),
-        }
+        pixels = torch.randn(gh * gw, s["patch_dim"], generator=g).numpy()
+        feeds = window_feeds(pixels, gh, gw, merge, win, s["v_head_dim"], _vision_theta(model.config.vision_config))
+        example = {name: torch.from_numpy(np.array(a)) for name, a in feeds.items()}  # copies: the layout is read-only
         visual = model.model.visual
         return ExportComponent(spec, vision_encoder_module(visual, window_attention(visual.fullatt_block_indexes)).eval(), example)
 

@@ -71,6 +71,20 @@ def window_layout(grid_h: int, grid_w: int, merge: int, window: int) -> WindowLa
     return WindowLayout((units[:, None] * m2 + np.arange(m2)).reshape(-1), window_index, patch_slots, np.argsort(units))
 
 
+def window_feeds(pixel_values: np.ndarray, grid_h: int, grid_w: int, merge: int, window: int, head_dim: int,
+                 theta: float) -> dict[str, np.ndarray]:
+    """The vision encoder's feeds for one image's patches (raster / merge-block order, as the processor emits them)."""
+    lay = window_layout(grid_h, grid_w, merge, window)
+    cos, sin = vision_rotary_tables(grid_h, grid_w, merge, head_dim, theta)
+    return {
+        "pixel_values": np.ascontiguousarray(pixel_values[lay.patch_order], dtype=np.float32),
+        "rotary_cos": cos[lay.patch_order],
+        "rotary_sin": sin[lay.patch_order],
+        "window_index": lay.window_index,
+        "patch_slots": lay.patch_slots,
+    }
+
+
 class Qwen25VLRuntime(Qwen2VLRuntime):
     """Qwen2-VL's hooks with the window layout around the vision encoder and the projector."""
 
@@ -84,15 +98,7 @@ class Qwen25VLRuntime(Qwen2VLRuntime):
 
     def vision_feeds(self, img) -> dict[str, np.ndarray]:
         _, h, w = img.grid_thw
-        lay = self.layout(img)
-        cos, sin = vision_rotary_tables(h, w, self.merge, int(self.vision["head_dim"]), float(self.vision["rope_theta"]))
-        return {
-            "pixel_values": np.ascontiguousarray(img.pixel_values[lay.patch_order], dtype=np.float32),
-            "rotary_cos": cos[lay.patch_order],
-            "rotary_sin": sin[lay.patch_order],
-            "window_index": lay.window_index,
-            "patch_slots": lay.patch_slots,
-        }
+        return window_feeds(img.pixel_values, h, w, self.merge, self.window, int(self.vision["head_dim"]), float(self.vision["rope_theta"]))
 
     def projector_outputs_in_reference_order(self, img, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {**outputs, "image_embeds": outputs["image_embeds"][self.layout(img).token_order]}

@@ -57,9 +57,10 @@ def export_component(comp: ExportComponent, out_dir: Path, opset: int, log=print
     onnx_path = out_dir / f"{spec.name}.onnx"
     args = tuple(comp.example[n] for n in spec.input_names)
     shapes = dynamic_shapes(spec)
-    # torch.export wants `dynamic_shapes` shaped like the signature: a `*rest` parameter is one tuple
+    # torch.export wants `dynamic_shapes` shaped like the signature: a `*rest` parameter is one tuple (none
+    # when the call passes nothing to it)
     params = list(inspect.signature(comp.module.forward).parameters.values())
-    if params and params[-1].kind is inspect.Parameter.VAR_POSITIONAL:
+    if params and params[-1].kind is inspect.Parameter.VAR_POSITIONAL and len(shapes) >= len(params):
         k = len(params) - 1
         shapes = (*shapes[:k], tuple(r or {} for r in shapes[k:]))
     with torch.no_grad(), _quiet():

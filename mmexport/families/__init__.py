@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 # family name -> the package that defines FAMILY
 FAMILIES: dict[str, str] = {
     "qwen2_vl": "mmexport.families.qwen2_vl",
+    "qwen2_5_vl": "mmexport.families.qwen2_5_vl",
     "qwen3_vl": "mmexport.families.qwen3_vl",
     "mllama": "mmexport.families.mllama",
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ...errors import UserError
 from ...recipes import Recipe
@@ -61,23 +61,32 @@ CHAT_TEMPLATE = (
 )
 
 
-def vit_block(blk, x, rotary_cos, rotary_sin):
-    """One block of a Qwen2-VL-style ViT (Qwen2-VL, Qwen3-VL) over one image's patches x [P, dim]: the
-    checkpoint's own norms, qkv/proj and MLP; only the attention glue is written out (one image = full
-    attention, no cu_seqlens splits), softmax in fp32."""
+def attend(q, k, v, scaling: float, bias=None):
+    """softmax(q·kᵀ · scaling + bias) · v over [..., heads, length, head_dim], the softmax in fp32."""
     import torch
+
+    w = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    w = w.float() if bias is None else w.float() + bias
+    return torch.matmul(torch.softmax(w, dim=-1).to(q.dtype), v)
+
+
+def full_attention(block: int, q, k, v, scaling: float):
+    """Every patch of the image attends to every other: q, k, v [P, H, D] -> [P, H, D]."""
+    return attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scaling).transpose(0, 1)
+
+
+def vit_block(blk, x, rotary_cos, rotary_sin, attention: Callable[..., Any] = full_attention, index: int = 0, layout: tuple = ()):
+    """One block of a Qwen2-VL-style ViT (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) over one image's patches x [P, dim]: the
+    checkpoint's own norms, qkv/proj and MLP; only the attention glue is written out (no cu_seqlens splits):
+    `attention(index, q, k, v, scaling, *layout)` -> [P, H, D] from q, k, v [P, H, D] with the rotary applied
+    (default: full attention over the one image; Qwen2.5-VL's windows take their layout inputs)."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
     n = x.shape[0]
     attn = blk.attn
-    h = blk.norm1(x)
-    q, k, v = attn.qkv(h).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k, v = attn.qkv(blk.norm1(x)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = apply_rotary_pos_emb_vision(q, k, rotary_cos, rotary_sin)
-    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, P, D]
-    w = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
-    w = torch.softmax(w.float(), dim=-1).to(q.dtype)
-    o = torch.matmul(w, v).transpose(0, 1).reshape(n, -1)  # [P, H*D]
-    x = x + attn.proj(o)
+    x = x + attn.proj(attention(index, q, k, v, attn.scaling, *layout).reshape(n, -1))
     return x + blk.mlp(blk.norm2(x))
 
 
@@ -89,8 +98,9 @@ def patch_matrix(patch_embed):
     return nn.Parameter(w.reshape(w.shape[0], -1).clone(), requires_grad=False)
 
 
-def vision_encoder_module(visual):
-    """Qwen2-VL's ViT for one image: pixel_values [P, C*T*p*p], rotary cos/sin [P, head_dim] -> hidden [P, embed_dim]."""
+def vision_encoder_module(visual, attention: Callable[..., Any] = full_attention):
+    """Qwen2-VL's ViT for one image: pixel_values [P, C*T*p*p], rotary cos/sin [P, head_dim] (+ any layout
+    inputs `attention` takes, see `vit_block`) -> hidden [P, embed_dim]."""
     from torch import nn
 
     class VisionEncoder(nn.Module):
@@ -99,22 +109,22 @@ def vision_encoder_module(visual):
             self.blocks = visual.blocks
             self.patch_weight = patch_matrix(visual.patch_embed)
 
-        def forward(self, pixel_values, rotary_cos, rotary_sin):
+        def forward(self, pixel_values, rotary_cos, rotary_sin, *layout):
             x = pixel_values.to(self.patch_weight.dtype) @ self.patch_weight.t()
-            for blk in self.blocks:
-                x = vit_block(blk, x, rotary_cos, rotary_sin)
+            for i, blk in enumerate(self.blocks):
+                x = vit_block(blk, x, rotary_cos, rotary_sin, attention, i, layout)
             return x
 
     return VisionEncoder(visual)
 
 
-def _example_grid(patches: Dim, merge: int) -> tuple[int, int]:
+def _example_grid(patches: Dim, merge: int, accept: Callable[[int, int], bool] = lambda h, w: True) -> tuple[int, int]:
     """A non-square patch grid (sides multiples of `merge`) with a patch count inside the declared
     num_patches range (torch.export rejects a traced size outside it) and off its opt value, as close
-    to 6x10 as that range allows."""
+    to 6x10 as that range allows (among the grids `accept` takes)."""
     sides = range(merge, patches.max // merge + 1, merge)
     ok = [(abs(h * w - 60) + abs(h - 6), h, w) for h in sides for w in sides
-          if h < w and patches.min <= h * w <= patches.max and h * w != patches.opt]
+          if h < w and patches.min <= h * w <= patches.max and h * w != patches.opt and accept(h, w)]
     if not ok:
         raise ValueError(f"no example image grid fits num_patches in [{patches.min}, {patches.max}]")
     _, h, w = min(ok)
@@ -122,7 +132,8 @@ def _example_grid(patches: Dim, merge: int) -> tuple[int, int]:
 
 
 class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
-    """Qwen2-VL's adapter; Qwen3-VL's (families/qwen3_vl) subclasses it and overrides the hooks marked below."""
+    """Qwen2-VL's adapter; Qwen2.5-VL's and Qwen3-VL's (families/qwen2_5_vl, qwen3_vl) subclass it and override
+    the hooks marked below."""
 
     model_class = "Qwen2VLForConditionalGeneration"
     config_class = "Qwen2VLConfig"  # transformers classes of a synthetic checkpoint
@@ -215,18 +226,21 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
         return [*self._vision_specs(model, s, self._patches(model_dir, s["merge"])), embed_spec(tc.hidden_size, cache),
                 self._decoder_spec(model, cache)]
 
+    patch_order = "merge-block order"  # of the vision encoder's patch rows (Qwen2.5-VL: window order)
+
     def _vision_specs(self, model, s: dict[str, int], patches: Dim) -> list[ComponentSpec]:
         """(hook) The vision_encoder and projector declarations."""
         f, hidden = "float32", model.config.text_config.hidden_size
+        order = self.patch_order
         return [
             ComponentSpec(
                 "vision_encoder",
                 inputs=(
-                    TensorSpec("pixel_values", f, ("num_patches", s["patch_dim"]), "one image's patches, merge-block order"),
-                    TensorSpec("rotary_cos", f, ("num_patches", s["v_head_dim"]), "2D rotary cos table"),
-                    TensorSpec("rotary_sin", f, ("num_patches", s["v_head_dim"]), "2D rotary sin table"),
+                    TensorSpec("pixel_values", f, ("num_patches", s["patch_dim"]), f"one image's patches, {order}"),
+                    TensorSpec("rotary_cos", f, ("num_patches", s["v_head_dim"]), f"2D rotary cos table, {order}"),
+                    TensorSpec("rotary_sin", f, ("num_patches", s["v_head_dim"]), f"2D rotary sin table, {order}"),
                 ),
-                outputs=(TensorSpec("vision_hidden", f, ("num_patches", s["embed_dim"])),),
+                outputs=(TensorSpec("vision_hidden", f, ("num_patches", s["embed_dim"]), order),),
                 dims={"num_patches": patches},
                 doc="patch embedding + ViT blocks, one image per call",
             ),
@@ -256,8 +270,7 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
         s = self._sizes(model)
         specs = {c.name: c for c in self.specs(model, recipe, model_dir)}
         g = torch.Generator().manual_seed(1234)
-        # an image grid the recipe's pixel range allows (about 6x10 patches), off the opt size
-        grid = _example_grid(specs["vision_encoder"].dims["num_patches"], s["merge"])
+        grid = self.example_grid(specs["vision_encoder"], s)
         lm = model.model.language_model
         vocab = model.config.text_config.vocab_size
         return [
@@ -265,6 +278,11 @@ class Qwen2VLAdapter(Qwen2VLReference, FamilyAdapter):
             ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(), {"input_ids": torch.randint(0, vocab, (min(2, specs["embed_tokens"].dims["batch"].max), 7), generator=g)}),
             ExportComponent(specs["decoder"], self._decoder_module(model, specs["decoder"]).eval(), decoder_example(specs["decoder"])),
         ]
+
+    def example_grid(self, spec: ComponentSpec, s: dict[str, int]) -> tuple[int, int]:
+        """(hook) The patch grid of the traced example image: one the recipe's pixel range allows (about 6x10
+        patches), off the opt size."""
+        return _example_grid(spec.dims["num_patches"], s["merge"])
 
     def _vision_components(self, model, specs: dict[str, ComponentSpec], s: dict[str, int], grid: tuple[int, int], g) -> list[ExportComponent]:
         """(hook) vision_encoder and projector with example inputs for an image of `grid` patches."""

@@ -346,8 +346,12 @@ def test_shutdown_cancels_what_outlasts_the_timeout(tiny_artifacts, images, torc
     with server(tiny_artifacts, torch_blocked, "--max-batch", "1", "--max-queue", "60", "--shutdown-timeout", "1") as srv:
         url = srv.base + "/v1/chat/completions"
         workers, res = _post_in_background(url, body, 60)
-        end = time.monotonic() + 20
-        while httpx.get(srv.base + "/health").json().get("queued", 0) < 5 and time.monotonic() < end:
+        end = time.monotonic() + 60
+
+        def finished() -> float:  # whole answers so far (a loaded machine may take seconds for the first)
+            return _metric(srv.base, 'mmexport_requests_total{status="length"}') + _metric(srv.base, 'mmexport_requests_total{status="stop"}')
+
+        while (httpx.get(srv.base + "/health").json().get("queued", 0) < 5 or finished() < 1) and time.monotonic() < end:
             time.sleep(0.01)
         t0 = time.monotonic()
         srv.send_signal(signal.SIGTERM)

@@ -120,7 +120,7 @@ def build_cmd(
     if engines and quantize:
         raise UserError("--engines with --quantize: TensorRT does not take ONNX Runtime's MatMulNBits graphs; build engines from an unquantized build")
     if engines:
-        from .engines.flavors import resolve_flavor
+        from .runtime.flavors import resolve_flavor
 
         resolve_flavor(flavor)  # no usable TensorRT: refused now, not after minutes of export
     engine_info = None

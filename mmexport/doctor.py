@@ -59,7 +59,7 @@ def _onnxruntime() -> dict[str, Any]:
 
 def _tensorrt_flavors() -> dict[str, dict[str, Any]]:
     """Each flavour: installed, version, module, error (when present but not importable)."""
-    from .engines.flavors import _MODULES, FLAVORS
+    from .runtime.flavors import _MODULES, FLAVORS
 
     out: dict[str, dict[str, Any]] = {}
     for name in FLAVORS:
@@ -129,7 +129,7 @@ def _cuda_driver(device: int = 0) -> dict[str, Any]:
     except (AttributeError, OSError) as e:
         info["error"] = f"{type(e).__name__}: {e}"
         return info
-    from .engines.metadata import current_compute_capability
+    from .artifact.engines import current_compute_capability
 
     info["compute_capability"] = current_compute_capability(device)
     return info

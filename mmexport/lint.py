@@ -360,7 +360,7 @@ def lint_onnx(path: "str | Path", component: str | None = None) -> list[Finding]
     lt.graph(model.graph, {}, top=True)
 
     # External data
-    from .engines.metadata import external_data_files
+    from .artifact.engines import external_data_files
 
     locations = external_data_files(path)
     total = 0

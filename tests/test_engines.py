@@ -30,7 +30,7 @@ from mmexport.engines import (  # noqa: E402
     trtexec_command,
     write_engine_dir,
 )
-from mmexport.engines.flavors import available_flavors  # noqa: E402
+from mmexport.runtime.flavors import available_flavors  # noqa: E402
 from mmexport.errors import UserError  # noqa: E402
 from mmexport.spec import ComponentSpec, Dim, TensorSpec  # noqa: E402
 
@@ -487,7 +487,7 @@ def built_engines(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_build_engines_every_component(built_engines):
-    from mmexport.engines.commands import manifest_onnx_identities
+    from mmexport.artifact.engines import manifest_onnx_identities
     from mmexport.runtime.manifest import load_manifest
 
     art, engine_dir, meta, lines = built_engines

@@ -308,7 +308,7 @@ def test_onnx_scanner_finds_every_external_reference_onnx_finds(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     from mmexport.artifact.onnx_refs import OnnxScanError, external_data_refs
-    from mmexport.engines.metadata import external_data_files
+    from mmexport.artifact.engines import external_data_files
 
     def ext(name: str, loc: str) -> TensorProto:
         t = numpy_helper.from_array(np.ones((2, 2), np.float32), name)
@@ -359,7 +359,7 @@ def test_nothing_is_written_through_a_symlink(tiny_artifacts, tmp_path):
     assert len(json.loads((art / ".verified.json").read_text())) == len(json.loads((art / "manifest.json").read_text())["files"])
     assert not [p for p in art.rglob("*.tmp")]
 
-    from mmexport.engines.metadata import write_bytes_atomic  # engines and engines.json take the same road
+    from mmexport.artifact.engines import write_bytes_atomic  # engines and engines.json take the same road
 
     (art / "engines").mkdir()
     (art / "engines" / "x.engine").symlink_to(victim1)
@@ -597,7 +597,7 @@ def test_engines_without_any_tensorrt_is_refused_before_the_export(cache_dir, tm
     """The real CLI entry point, with the TensorRT flavours made absent (no package on this machine may
     be uninstalled for a test): refused before the checkpoint is even resolved."""
     from mmexport import cli as cli_mod
-    from mmexport.engines import flavors
+    from mmexport.runtime import flavors
 
     monkeypatch.setattr(flavors, "available_flavors", lambda: [])
     with pytest.raises(SystemExit) as e:

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
@@ -120,3 +121,20 @@ def atomic_write(path: "str | os.PathLike[str]", data: Union[bytes, bytearray, m
 def is_temp_name(name: str) -> bool:
     """A temporary file `atomic_write` makes (left behind only if the process was killed mid-write)."""
     return name.startswith(".") and name.endswith(".tmp")
+
+
+def sha256_stream(f: BinaryIO, chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of what `f` reads from here to its end."""
+    h = hashlib.sha256()
+    while True:
+        b = f.read(chunk)
+        if not b:
+            break
+        h.update(b)
+    return h.hexdigest()
+
+
+def sha256_file(path: "str | os.PathLike[str]", chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of a file: the one hash of every artifact, checkpoint and engine file mmexport records."""
+    with open(path, "rb") as f:
+        return sha256_stream(f, chunk)

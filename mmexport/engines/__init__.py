@@ -7,15 +7,14 @@ adopt_engines) live in `mmexport.engines.commands`, which also runs as `python -
 from __future__ import annotations
 
 from mmexport.engines.builder import EngineBuildError, OnnxParseError, build_engine, write_engine_dir
-from mmexport.engines.flavors import FLAVORS, Flavor, available_flavors, resolve_flavor
-from mmexport.engines.metadata import (
+from mmexport.runtime.flavors import FLAVORS, Flavor, available_flavors, resolve_flavor
+from mmexport.artifact.engines import (
     METADATA_FILE,
     check_engine_metadata,
     combine_onnx_identity,
     current_compute_capability,
     engine_dir_name,
     external_data_files,
-    file_sha256,
     find_engine_dir,
     list_engine_dirs,
     load_metadata,
@@ -37,7 +36,6 @@ __all__ = [
     "current_compute_capability",
     "engine_dir_name",
     "external_data_files",
-    "file_sha256",
     "find_engine_dir",
     "list_engine_dirs",
     "load_metadata",

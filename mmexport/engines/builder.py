@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from mmexport.engines.flavors import Flavor, resolve_flavor
-from mmexport.engines.metadata import (
+from mmexport.runtime.flavors import Flavor, resolve_flavor
+from mmexport.artifact.files import sha256_file
+from mmexport.artifact.engines import (
     METADATA_FORMAT,
     CCLike,
     check_engine_metadata,
@@ -22,7 +23,6 @@ from mmexport.engines.metadata import (
     engine_dir_name,
     engines_root,
     external_data_files,
-    file_sha256,
     find_engine_dir,
     list_engine_dirs,
     load_metadata,
@@ -373,7 +373,7 @@ def build_engine(
         "onnx_data": data_locations,
         "engine": out_path.name,
         "engine_bytes": out_path.stat().st_size,
-        "engine_sha256": file_sha256(out_path),
+        "engine_sha256": sha256_file(out_path),
         "profiles": {p: {n: d.to_dict() for n, d in dims.items()} for p, dims in profile_dims.items()},
         "profile_names": list(input_shapes) if input_shapes else [],
         "input_shapes": input_shapes,

@@ -23,8 +23,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping, Sequence
 
 from mmexport.engines.builder import _profile_shapes, write_engine_dir
-from mmexport.engines.flavors import TENSORRT, Flavor, resolve_flavor
-from mmexport.engines.metadata import (
+from mmexport.runtime.flavors import TENSORRT, Flavor, resolve_flavor
+from mmexport.artifact.files import sha256_file
+from mmexport.artifact.engines import (
+    manifest_onnx_identities,
     ENGINES_SUBDIR,
     METADATA_FILE,
     METADATA_FORMAT,
@@ -33,7 +35,6 @@ from mmexport.engines.metadata import (
     current_compute_capability,
     engine_dir_name,
     engines_root,
-    file_sha256,
     normalize_cc,
     save_metadata,
 )
@@ -58,34 +59,6 @@ def _load(artifact_dir: "str | Path", check_files: bool = True) -> Any:
     from mmexport.runtime.manifest import load_manifest  # plain Python (json, hashlib)
 
     return load_manifest(Path(artifact_dir), check_files=check_files)
-
-
-def manifest_onnx_identities(manifest: Any) -> dict[str, str]:
-    """{component: ONNX identity} from the manifest's sha256 of each .onnx file and of its data files.
-
-    Equal to `onnx_identity_sha256(component file)` for an intact artifact, without hashing the weights
-    again (`load_manifest` has checked every listed file's sha256 already).
-    """
-    files: Mapping[str, str] = manifest.data.get("files", {})
-    out: dict[str, str] = {}
-    for name, comp in manifest.data["components"].items():
-        onnx_rel = PurePosixPath(comp["file"])
-        data: dict[str, str] = {}
-        for rel in comp.get("data_files", []) or []:
-            rel_p = PurePosixPath(rel)
-            try:
-                loc = rel_p.relative_to(onnx_rel.parent).as_posix()
-            except ValueError:
-                loc = rel_p.as_posix()
-            sha = files.get(rel)
-            if sha is None:
-                path = manifest.root / rel
-                if not path.is_file():
-                    raise UserError(f"{manifest.root}: missing file {rel} (data of component {name}); rebuild or copy it again")
-                sha = file_sha256(path)
-            data[loc] = sha
-        out[name] = combine_onnx_identity(comp["sha256"], data)
-    return out
 
 
 def build_engines(
@@ -218,7 +191,7 @@ def adopt_engines(
             "onnx_data": [Path(r).name for r in comp_file.get("data_files", []) or []],
             "engine": dest.name,
             "engine_bytes": dest.stat().st_size,
-            "engine_sha256": file_sha256(dest),
+            "engine_sha256": sha256_file(dest),
             "profiles": {p: {n: d.to_dict() for n, d in dims.items()} for p, dims in profile_dims.items()},
             "profile_names": list(input_shapes),
             "input_shapes": input_shapes,

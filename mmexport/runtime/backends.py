@@ -19,9 +19,14 @@ from ..spec import ComponentSpec
 
 
 class Runner:
-    def __init__(self, path: Path, spec: ComponentSpec):
+    """`path`: the component's graph; `spec`: its declaration; `manifest`: the artifact's loaded manifest (the
+    pipeline passes the one it has: a runner that needs more of the artifact, such as the TensorRT runner
+    finding its engine, reads it there instead of loading it again)."""
+
+    def __init__(self, path: Path, spec: ComponentSpec, manifest: Any = None):
         self.path = Path(path)
         self.spec = spec
+        self.manifest = manifest
         self.active = False
         self.calls = 0  # inferences run (bench and tests show which stages a decode step touches)
         self.seconds = 0.0  # wall time spent in them (each runner times its own inferences, as Polygraphy's do)
@@ -87,8 +92,9 @@ def ort_spinning() -> bool:
 class OrtRunner(Runner):
     """An ONNX Runtime session for one component."""
 
-    def __init__(self, path: Path, spec: ComponentSpec, providers: list[str] | None = None, threads: int | None = None):
-        super().__init__(path, spec)
+    def __init__(self, path: Path, spec: ComponentSpec, manifest: Any = None, providers: list[str] | None = None,
+                 threads: int | None = None):
+        super().__init__(path, spec, manifest)
         self.providers = providers
         self.threads = threads
         self.session = None

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 from ..artifact.files import atomic_write, decode_utf8, open_checked, open_regular
 from ..artifact.onnx_refs import OnnxScanError, external_data_refs
 from ..artifact.paths import check_relpath, resolve_inside
+from ..artifact.files import sha256_file, sha256_stream
 from ..errors import UserError
 from ..spec import ComponentSpec
 from .manifest_schema import SCHEMA_VERSION, validate_manifest
@@ -45,21 +46,6 @@ __all__ = ["SCHEMA_VERSION", "MANIFEST", "VERIFIED", "Manifest", "sha256_file", 
 
 MANIFEST = "manifest.json"
 VERIFIED = ".verified.json"  # {rel: {"stat": [size, mtime_ns, ctime_ns, inode, device], "sha256": ...}}
-
-
-def _sha256_stream(f: BinaryIO, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    while True:
-        b = f.read(chunk)
-        if not b:
-            break
-        h.update(b)
-    return h.hexdigest()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    with open(path, "rb") as f:
-        return _sha256_stream(f, chunk)
 
 
 @dataclass
@@ -143,7 +129,7 @@ def check_file_hashes(root: Path, files: dict[str, str], rehash: bool = False) -
             if not rehash and record.get(rel) == {"stat": key, "sha256": want}:
                 continue
             hashed += 1
-            got = _sha256_stream(f)
+            got = sha256_stream(f)
         if got != want:
             record.pop(rel, None)
             _write_verified(root, record)

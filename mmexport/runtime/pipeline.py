@@ -136,7 +136,7 @@ class Pipeline:
             raise UserError(f"{m.root / 'manifest.json'}: components: no {', '.join(missing)} (a {m.family} build has "
                             f"{', '.join(needed)}); rebuild")
         self.runners = {
-            name: make_runner(backend, m.component_file(name), spec, **runner_kw).activate() for name, spec in self.specs.items()
+            name: make_runner(backend, m.component_file(name), spec, manifest=m, **runner_kw).activate() for name, spec in self.specs.items()
         }
         tok = m.tokenizer
         template = m.read_text(tok["chat_template"]) if tok.get("chat_template") else None

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..engines.metadata import (
+from ..artifact.engines import (
     check_engine_metadata,
     current_compute_capability,
     engines_root,
@@ -154,8 +154,8 @@ def resolve_engine(
     check. Raises a one-line UserError saying to rebuild when there are no engines for this flavour,
     version and GPU, or when they were built from a different ONNX (graph or weights).
     """
-    from ..engines.commands import manifest_onnx_identities
-    from ..engines.flavors import Flavor, available_flavors, resolve_flavor
+    from ..artifact.engines import manifest_onnx_identities
+    from .flavors import Flavor, available_flavors, resolve_flavor
     from .manifest import load_manifest
 
     artifact_dir = Path(artifact_dir)
@@ -273,19 +273,21 @@ def _grow(capacity: int, need: int) -> int:
 class TrtRunner(Runner):
     """A TensorRT engine for one component (either flavour), run with cuda-python.
 
-    `path`: the component's ONNX file in the artifact (as the pipeline passes it) or the artifact
-    directory; the engine is looked up under DIR/engines. `flavor`: "auto" | "tensorrt" | "tensorrt-rtx".
+    `manifest`: the artifact's manifest, as the pipeline passes it (its directory holds the engines, under
+    DIR/engines); without one, `artifact_dir` or the directory above `path` is read. `flavor`: "auto" |
+    "tensorrt" | "tensorrt-rtx".
     """
 
     def __init__(
         self,
         path: Path,
         spec: ComponentSpec,
+        manifest: Any = None,
         flavor: str = "auto",
         device: int = 0,
         artifact_dir: "str | Path | None" = None,
     ):
-        super().__init__(path, spec)
+        super().__init__(path, spec, manifest)
         self.flavor = flavor
         self.device = int(device)
         self.artifact_dir = Path(artifact_dir) if artifact_dir is not None else None
@@ -306,10 +308,10 @@ class TrtRunner(Runner):
         self._dtypes: dict[str, Any] = {}
 
     def activate(self) -> "TrtRunner":
-        artifact_dir = self.artifact_dir or find_artifact_dir(self.path)
+        artifact_dir = self.manifest.root if self.manifest is not None else (self.artifact_dir or find_artifact_dir(self.path))
         cc = current_compute_capability(self.device)
         # The metadata check comes first: a mismatch says "rebuild" even on a machine that cannot run engines.
-        self.choice = resolve_engine(artifact_dir, self.spec.name, self.flavor, cc)
+        self.choice = resolve_engine(artifact_dir, self.spec.name, self.flavor, cc, manifest=self.manifest)
         cuda = _Cuda(_import_cudart())
         if cc is None:
             raise UserError("the trt backend needs an NVIDIA GPU with a working CUDA driver; none was found")

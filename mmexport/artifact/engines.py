@@ -15,9 +15,10 @@ import hashlib
 import json
 import os
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Union
 
+from mmexport.artifact.files import sha256_file
 from mmexport.errors import UserError
 
 METADATA_FILE = "engines.json"
@@ -114,17 +115,6 @@ def current_compute_capability(device: int = 0) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: "str | os.PathLike[str]", chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
 ONNX_IDENTITY_TAG = "mmexport-onnx-identity/1"
 
 
@@ -206,8 +196,8 @@ def onnx_identity_sha256(
     for loc in locations:
         p = onnx_path.parent / loc
         if p.is_file():
-            data[Path(loc).as_posix()] = file_sha256(p)
-    return combine_onnx_identity(file_sha256(onnx_path), data)
+            data[Path(loc).as_posix()] = sha256_file(p)
+    return combine_onnx_identity(sha256_file(onnx_path), data)
 
 
 def write_bytes_atomic(path: Path, data: Any) -> None:
@@ -405,3 +395,31 @@ def check_engine_metadata(
                 f"engine {name} was built by {by} from a different ONNX "
                 f"(sha256 {str(built_sha)[:12]}, the ONNX now has {str(want_sha)[:12]}); {rebuild}"
             )
+
+
+def manifest_onnx_identities(manifest: Any) -> dict[str, str]:
+    """{component: ONNX identity} from the manifest's sha256 of each .onnx file and of its data files.
+
+    Equal to `onnx_identity_sha256(component file)` for an intact artifact, without hashing the weights
+    again (`load_manifest` has checked every listed file's sha256 already).
+    """
+    files: Mapping[str, str] = manifest.data.get("files", {})
+    out: dict[str, str] = {}
+    for name, comp in manifest.data["components"].items():
+        onnx_rel = PurePosixPath(comp["file"])
+        data: dict[str, str] = {}
+        for rel in comp.get("data_files", []) or []:
+            rel_p = PurePosixPath(rel)
+            try:
+                loc = rel_p.relative_to(onnx_rel.parent).as_posix()
+            except ValueError:
+                loc = rel_p.as_posix()
+            sha = files.get(rel)
+            if sha is None:
+                path = manifest.root / rel
+                if not path.is_file():
+                    raise UserError(f"{manifest.root}: missing file {rel} (data of component {name}); rebuild or copy it again")
+                sha = sha256_file(path)
+            data[loc] = sha
+        out[name] = combine_onnx_identity(comp["sha256"], data)
+    return out

@@ -150,3 +150,14 @@ def test_run_without_torch_or_transformers(mllama_artifacts, images, tmp_path):
     p = run_cli("run", mllama_artifacts, "--image", images[2], "--prompt", "Describe.", "--max-new-tokens", "3", "--json",
                 env={"PYTHONPATH": f"{block}:{REPO}"})
     assert json.loads(p.stdout)["calls"]["cross_kv"] == 1
+
+
+def test_fp16_build_verifies(cache_dir, tmp_path):
+    """fp16 with fp32 islands on Method B: verify passes the tiny recipe's fp16 bounds (components, logits, greedy)."""
+    out = tmp_path / "mllama-fp16"
+    run_cli("build", "llama-3.2-vision-tiny", "--precision", "fp16", "--out", out)
+    r = json.loads(run_cli("verify", out, "--json", timeout=900).stdout)
+    assert r["passed"], r["failures"]
+    assert r["precision"] == "fp16"
+    worst = max(c["max_abs"] for c in r["comparisons"] if c["name"] != "preprocess")
+    assert 0 < worst < 5e-2  # fp16 rounding is there, and bounded

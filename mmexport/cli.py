@@ -237,9 +237,11 @@ def bench_cmd(
     concurrency: Annotated[Optional[str], typer.Option("--concurrency", help="Serving benchmark instead: N concurrent streams against the batching engine, e.g. 1,4,8.")] = None,
     requests: Annotated[int, typer.Option("--requests", min=1, help="With --concurrency: requests each stream sends, one after the other.")] = 2,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="With --concurrency: engine slots [default: the build's max_batch].")] = None,
+    limits: Annotated[bool, typer.Option("--limits/--no-limits", help="Measure this machine's read bandwidth and GEMM peak and report decode, prefill and vision as a share of them.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Time one request: TTFT split (preprocess / vision / projector / prefill), decode tok/s, peak memory.
+    """Time one request: TTFT split (preprocess / vision / projector / prefill), decode tok/s, peak memory,
+    and how close decode, prefill and vision come to this machine's measured limits.
     With --concurrency: total tokens/s and TTFT of the serving engine under N concurrent streams."""
     from .bench import DEFAULT_PROMPT, bench, plot_bench, render_bench
 
@@ -261,7 +263,7 @@ def bench_cmd(
         return
 
     report = bench(artifacts, image=image, prompt=prompt or DEFAULT_PROMPT, new_tokens=new_tokens, repeat=repeat,
-                   warmup=warmup, backend=backend, vs_pytorch=vs_pytorch, model=model, interleave=interleave, log=_log)
+                   warmup=warmup, backend=backend, vs_pytorch=vs_pytorch, model=model, interleave=interleave, limits=limits, log=_log)
     if plot:
         plot_bench(report, plot)
         _log(f"wrote {plot}")

@@ -160,3 +160,26 @@ def test_bad_arguments(tiny_artifacts):
         bench(tiny_artifacts, new_tokens=0, log=lambda m: None)
     with pytest.raises(UserError, match="context"):
         bench(tiny_artifacts, new_tokens=10_000, repeat=1, warmup=0, log=lambda m: None)
+
+
+def test_limits_of_this_machine(report, tiny_artifacts):
+    """bench measures this machine's read bandwidth and GEMM peak and states what a decode step reads and what
+    prefill computes, from the build itself: checked here against the files and the checkpoint's config."""
+    from pathlib import Path
+
+    lim = report.to_dict()["limits"]
+    m = json.loads((tiny_artifacts / "manifest.json").read_text())
+    dec = m["components"]["decoder"]
+    tc = json.loads((Path(m["source"]["path"]) / "config.json").read_text())["text_config"]
+    h, layers, heads, kv, inter, vocab = (tc[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                          "num_key_value_heads", "intermediate_size", "vocab_size"))
+    hd = h // heads
+    assert lim["decode_bytes"]["weights"] == sum((tiny_artifacts / r).stat().st_size for r in [dec["file"], *dec["data_files"]])
+    assert lim["decode_bytes"]["kv_cache"] == layers * 2 * kv * hd * m["limits"]["max_context"] * 4  # the whole buffer
+    assert lim["decode_bytes"]["embedding_row"] == h * 4
+    per_layer = h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * inter  # q, k, v, o, gate/up/down
+    assert lim["flops_per_row"]["decoder"] == 2 * (layers * per_layer + h * vocab)  # + the LM head
+    assert lim["prefill_flops"] == lim["flops_per_row"]["decoder"] * report.ours.prompt_tokens
+    assert lim["read_gbps"] > 0 and lim["gemm_peak_gflops"] > 0 and lim["threads"] >= 1
+    assert lim["decode_gbps"] == pytest.approx(lim["decode_bytes"]["total"] * report.ours.tokens_per_s.median / 1e9, rel=1e-2)
+    assert 0 < lim["percent_of_limit"]["decode"] and 0 < lim["percent_of_limit"]["prefill"] and 0 < lim["percent_of_limit"]["vision"]

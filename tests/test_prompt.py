@@ -443,3 +443,65 @@ def test_decode_generated_ids_matches(builder, hf_tok):
 def test_placeholder_count_mismatch_raises(text, counts):
     with pytest.raises(UserError):
         PromptBuilder.expand_placeholders(text, IMAGE_PAD, counts)
+
+
+def _metaspace_builder(tmp_path) -> PromptBuilder:
+    """A SentencePiece-style tokenizer (metaspace: a decode drops the first piece's leading space) built with
+    the tokenizers library, with byte fallback for text outside its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=[f"<0x{i:02X}>" for i in range(256)], show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20, "Zürich café naïve " * 10], trainer)
+    path = tmp_path / "sp.json"
+    tok.save(str(path))
+    return PromptBuilder(None, path, {})
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_incremental_detokenization_equals_one_decode(builder, kind, tmp_path):
+    """The stream decodes a short window per token, yet what it emits, token by token, is exactly the decode of the
+    whole answer: multi-byte characters split across tokens, special tokens, words, for a byte-level BPE and a
+    SentencePiece-style tokenizer (whose decode drops a leading space)."""
+    import numpy as np
+
+    from mmexport.runtime.pipeline import TextStream
+
+    pb = builder if kind == "byte-level" else _metaspace_builder(tmp_path)
+    texts = ["Hello, world! The café in Zürich — naïve? 東京タワー 🚀🚀 ok.", " the lazy dog, the quick fox ", "a\nb\n\n  c  "]
+    specials = [i for i in range(pb.tokenizer.get_vocab_size()) if pb.tokenizer.id_to_token(i) in ("<|im_end|>", "</s>")]
+    rng = np.random.default_rng(0)
+    for text in texts:
+        ids = pb.encode(text)
+        for extra in ([], specials):  # an answer with a special token in the middle (skipped by decode)
+            seq = ids[: len(ids) // 2] + extra + ids[len(ids) // 2:]
+            got: list[str] = []
+            stream = TextStream(pb, [], got.append)
+            for n in range(1, len(seq) + 1):
+                assert not stream.push(seq[:n])
+            stream.finish(seq)
+            assert "".join(got) == stream.text == pb.decode(seq), (kind, text)
+    # random ids, many of them partial UTF-8 bytes: the same, trailing incomplete character included
+    for _ in range(5):
+        seq = [int(i) for i in rng.integers(0, pb.tokenizer.get_vocab_size(), 40)]
+        got = []
+        stream = TextStream(pb, [], got.append)
+        for n in range(1, len(seq) + 1):
+            stream.push(seq[:n])
+        stream.finish(seq)
+        assert "".join(got) == pb.decode(seq)
+
+
+def test_stop_strings_cut_the_stream(builder):
+    from mmexport.runtime.pipeline import TextStream
+
+    ids = builder.encode("one two three four five")
+    got: list[str] = []
+    stream = TextStream(builder, ["thr", "xyz"], got.append)
+    hit = next(n for n in range(1, len(ids) + 1) if stream.push(ids[:n]))
+    stream.finish(ids[:hit])
+    assert stream.text == "one two " and "".join(got) == "one two "

@@ -57,6 +57,7 @@ def bench(
     vs_pytorch: bool = False,
     model: str | None = None,
     interleave: bool = True,
+    limits: bool = True,
     log: Callable[[str], None] = print,
 ) -> BenchReport:
     """Benchmark the build in `artifact_dir` (and, with `vs_pytorch`, transformers' eager model).
@@ -84,6 +85,7 @@ def bench(
 
         sides.append(EagerSide(sides[0], [pil], prompt, new_tokens, model, log))
     interleave = interleave and len(sides) > 1
+    measured = None
     try:
         if interleave:
             for side in sides:
@@ -99,11 +101,15 @@ def bench(
                 side.warm(warmup)
                 for i in range(repeat):
                     side.timed_run(i, repeat)
+            if limits and side is sides[0]:
+                side.note_rows()
             side.close()
     finally:
         for side in sides:
             side.close()
     ours = sides[0]
+    if limits:
+        measured = ours.measure_limits()
     report = BenchReport(
         artifacts=str(artifact_dir), backend=backend, precision=ours.manifest.data.get("precision", ""),
         recipe=ours.manifest.data.get("recipe", {}).get("name", ""), image=image_desc,
@@ -111,6 +117,7 @@ def bench(
         machine=machine_info(with_torch=vs_pytorch), ours=ours.result(interleave),
     )
     report.machine["interleaved"] = interleave
+    report.limits = measured
     if vs_pytorch:
         report.eager, report.reference = sides[1].result(interleave), sides[1].reference
     report.seconds = time.perf_counter() - t_start

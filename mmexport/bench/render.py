@@ -43,6 +43,8 @@ def render_bench(report: BenchReport, console) -> None:
     for label, f in (("before load", "baseline_mb"), ("after load", "loaded_mb"), ("peak (timed runs)", "peak_mb"), ("peak - before load", "peak_delta_mb")):
         mt.add_row(label, f"{getattr(o.memory, f):,.0f}", *([f"{getattr(e.memory, f):,.0f}"] if e else []))
     console.print(mt)
+    if report.limits is not None:
+        render_limits(report.limits, console)
     if e:
         a = report.agreement or {}
         console.print(f"greedy tokens: first token {'agrees' if a.get('first_token') else 'DIFFERS'}, "
@@ -112,3 +114,27 @@ def _bar_panel(ax, labels: list[str], vals: list[float], ylabel: str, fmt: str) 
     for i, v in enumerate(vals):
         ax.text(i, v, fmt.format(v), ha="center", va="bottom")
     ax.set_ylim(0, max(vals) * 1.15 if max(vals) > 0 else 1)
+
+
+def render_limits(lim, console) -> None:
+    """The run against this machine's measured limits: decode against read bandwidth, prefill and vision
+    against the GEMM peak of the build's weight format."""
+    from rich.table import Table
+
+    pct = lim.percent
+    b = lim.decode_bytes
+    t = Table("stage", "achieved", "this machine's limit", "% of limit",
+              title=f"against this machine's limits ({lim.threads} thread(s), measured in this run)")
+
+    def p(v):
+        return f"{v:.0f} %" if v is not None else "-"
+
+    t.add_row("decode", f"{lim.decode_gbps:.1f} GB/s ({b['total'] / 1e6:,.0f} MB per token: weights {b['weights'] / 1e6:,.0f}, "
+              f"KV cache {b['kv_cache'] / 1e6:,.1f}, embedding row {b['embedding_row'] / 1e3:.1f} KB)",
+              f"{lim.read_gbps:.1f} GB/s read (same working set)", p(pct["decode"]))
+    peak = f"{lim.gemm_peak_gflops:.0f} GFLOP/s ({lim.gemm_kind})" if lim.gemm_peak_gflops else "- (needs onnx)"
+    if lim.prefill_gflops is not None:
+        t.add_row("prefill", f"{lim.prefill_gflops:.0f} GFLOP/s ({lim.prefill_flops / 1e9:,.1f} GFLOP of weight MatMuls)", peak, p(pct["prefill"]))
+    if lim.vision_gflops is not None:
+        t.add_row("vision", f"{lim.vision_gflops:.0f} GFLOP/s ({lim.vision_flops / 1e9:,.1f} GFLOP of weight MatMuls)", peak, p(pct["vision"]))
+    console.print(t)

@@ -98,6 +98,7 @@ class BenchReport:
     ours: SideResult
     eager: SideResult | None = None
     reference: dict[str, Any] | None = None  # checkpoint of the eager side
+    limits: Any = None  # bench.limits.Limits: this machine's read bandwidth and GEMM peak, and how close the run came
     seconds: float = 0.0
 
     @property
@@ -157,5 +158,6 @@ class BenchReport:
             "ratios": {k: round(v, 4) for k, v in ratios.items()} if ratios is not None else None,
             "agreement": self.agreement,
             "reference": self.reference,
+            "limits": self.limits.to_dict() if self.limits is not None else None,
             "seconds": round(self.seconds, 2),
         }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import time
+
+import numpy as np
 from typing import Any, Callable
 
 from ..errors import UserError
@@ -91,6 +93,7 @@ class OursSide(Side):
         self.warmup, self.repeat = warmup, repeat
         self.pipe = None
         self.manifest = None  # set by load(), which runs before the eager side's
+        self.rows: dict[str, int] = {}
 
     def _prepare(self) -> None:
         if self.backend == "ort":  # the baseline includes the framework's libraries, as torch's for the eager side
@@ -111,6 +114,26 @@ class OursSide(Side):
         assert self.pipe is not None
         res = self.pipe.generate(self.prompt, self.images, max_new_tokens=self.new_tokens, ignore_eos=True)
         return {**{k: float(v) for k, v in res.timings_ms.items() if k in STAGES}, "tok_s": res.tokens_per_s, "res": res}
+
+    def note_rows(self) -> None:
+        """The input rows one request puts through the decoder (prompt tokens) and the vision encoder (its output
+        tokens), for the FLOPs bench.limits reports; read while the model is loaded."""
+        assert self.pipe is not None
+        pipe = self.pipe
+        prep = pipe.prepare(self.prompt, self.images)
+        self.rows = {"decoder": len(prep.input_ids)}
+        if prep.images and hasattr(pipe.family, "vision_feeds"):
+            out = pipe.runners["vision_encoder"].infer(pipe.family.vision_feeds(prep.images[0]))
+            first = out[pipe.specs["vision_encoder"].output_names[0]]
+            self.rows["vision_encoder"] = int(np.prod(first.shape[:-1])) * len(prep.images)
+
+    def measure_limits(self):
+        """This machine's limits for this build and how close the median request came (bench.limits); run after
+        every side is released, so its buffers and sessions touch no side's memory figures."""
+        from .limits import measure_limits
+
+        timings, tok_s = self.stats()
+        return measure_limits(self.manifest, self.rows, {k: v.median for k, v in timings.items()}, tok_s.median, log=self.log)
 
     def close(self) -> None:
         if self.pipe is not None:

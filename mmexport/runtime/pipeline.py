@@ -271,7 +271,7 @@ class Pipeline:
             if len(generated) == budget:
                 break
             logits = self.decoder_step(self.embed(np.asarray([tok])), self.family.step_feeds(prep, state, cache.length), cache)
-        stream.finish()
+        stream.finish(generated)
         t4 = time.perf_counter()
         timings["decode"] = (t4 - t3) * 1e3
         timings["total"] = (t4 - t0) * 1e3
@@ -280,25 +280,37 @@ class Pipeline:
 
 
 class TextStream:
-    """Incremental detokenization with stop strings; emits only complete characters."""
+    """Incremental detokenization with stop strings; emits only complete characters.
+
+    Each token costs a decode of a short window, not of the whole answer so far: the text is committed in
+    deltas, decode(ids[prefix:]) minus decode(ids[prefix:read]) — both decodes start at the same token, so a
+    tokenizer that drops a leading space at the start of a decode (SentencePiece's metaspace) drops it in both
+    and the difference is exact; an incomplete UTF-8 sequence waits for the next token.
+    """
 
     def __init__(self, prompts: PromptBuilder, stop: Sequence[str], on_text: Callable[[str], None] | None):
         self.prompts, self.stop, self.on_text = prompts, [s for s in stop if s], on_text
         self.text = ""
         self.emitted = 0
+        self._prefix = 0  # ids[_prefix:_read] decode to the committed text's tail
+        self._read = 0
+        self._longest_stop = max((len(s) for s in self.stop), default=0)
 
     def push(self, ids: list[int]) -> bool:
-        text = self.prompts.decode(ids)
-        hit = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if hit >= 0:
-            self.text = text[:hit]
-            self._emit(len(self.text))
-            return True
-        self.text = text
-        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        decode = self.prompts.decode
+        window = decode(ids[self._prefix:])
+        before = decode(ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        if len(window) > len(before) and not window.endswith("\ufffd"):  # a complete new piece of text
+            start = max(0, len(self.text) - self._longest_stop + 1)  # where a stop string could newly begin
+            self.text += window[len(before):]
+            self._prefix, self._read = self._read, len(ids)
+            hit = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+            if hit >= 0:
+                self.text = self.text[:hit]
+                self._emit(len(self.text))
+                return True
             # hold back a tail that could still become a stop string
-            hold = max((len(s) - 1 for s in self.stop), default=0)
-            self._emit(max(self.emitted, len(text) - hold))
+            self._emit(max(self.emitted, len(self.text) - max(self._longest_stop - 1, 0)))
         return False
 
     def _emit(self, upto: int) -> None:
@@ -306,5 +318,12 @@ class TextStream:
             self.on_text(self.text[self.emitted : upto])
         self.emitted = max(self.emitted, upto)
 
-    def finish(self) -> None:
+    def finish(self, ids: Sequence[int] | None = None) -> None:
+        """Emit what is held back (`ids`: the whole answer, to flush a trailing incomplete character too)."""
+        if ids is not None and len(ids) > self._read:
+            decode = self.prompts.decode
+            window = decode(list(ids[self._prefix:]))
+            before = decode(list(ids[self._prefix:self._read])) if self._read > self._prefix else ""
+            self.text += window[len(before):]
+            self._prefix = self._read = len(ids)
         self._emit(len(self.text))

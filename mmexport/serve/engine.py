@@ -233,7 +233,7 @@ class Engine:
         if error is not None:
             self._emit(run.req, Event("error", message=error))
             return
-        run.stream.finish()
+        run.stream.finish(run.generated)
         usage = {"prompt_tokens": int(len(run.req.prep.input_ids)), "completion_tokens": len(run.generated)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if run.pending:

@@ -1,0 +1,232 @@
+"""How close a build runs to this machine's own limits (`mmexport bench`, reported next to the timings).
+
+Decode at batch 1 reads every weight once per token, so its limit is memory bandwidth; prefill and the
+vision tower multiply many rows by each weight, so theirs is GEMM throughput. Both limits are measured in the
+same run, with the runtime's thread count:
+
+- read bandwidth: threads summing disjoint slices of one buffer as large as what a decode step reads (so the
+  same caches help or not as they help the decoder), best of several passes;
+- GEMM peak: ONNX Runtime's own MatMul (the kernels the exported graphs run) on a [512, 2048] x [2048, 2048]
+  product with float32 weights, and with 8-bit / 4-bit block-quantized weights (MatMulNBits) for quantized
+  builds, at the build's accuracy level.
+
+What a request costs is read off the artifact: the bytes of each graph's weights (its .onnx and .onnx.data
+files), the cache buffers a decode step reads (the whole preallocated buffer: attention runs over every slot,
+masked or not), one embedding row; and the FLOPs of the weight MatMuls (2 x K x N per row of input, from the
+graphs; attention's score/value products are not counted, so FLOP/s figures are lower bounds).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GB = 1e9
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
+
+
+def runtime_threads() -> int:
+    """The intra-op threads the runtime's ONNX Runtime sessions use (MMEXPORT_THREADS, else one per physical core)."""
+    n = int(os.environ.get("MMEXPORT_THREADS", "0") or 0)
+    if n:
+        return n
+    try:
+        import psutil
+
+        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:
+        return int(os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# what the build reads and computes
+# --------------------------------------------------------------------------------------------------
+def graph_bytes(manifest, component: str) -> int:
+    """Bytes of a component's weights as stored (the .onnx file and its external data)."""
+    c = manifest.data["components"][component]
+    return sum((manifest.root / rel).stat().st_size for rel in [c["file"], *c.get("data_files", [])])
+
+
+def matmul_flops_per_row(onnx_path: Path) -> int | None:
+    """2 x K x N summed over the graph's MatMul / Gemm / MatMulNBits nodes whose weight is a stored tensor:
+    the FLOPs each input row costs. None when the onnx package is not installed."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    total = 0
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]]) == 2:
+            k, m = inits[n.input[1]]
+            total += 2 * k * m
+        elif n.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            total += 2 * int(attrs["K"]) * int(attrs["N"])
+    return total
+
+
+def decode_step_bytes(manifest) -> dict[str, int]:
+    """What one decode step (batch 1) reads: the decoder's weights, the KV cache buffers, one embedding row."""
+    spec = manifest.components["decoder"]
+    kv = 0
+    cap = spec.dims["cache_len"].max if "cache_len" in spec.dims else 0
+    for t in spec.inputs:
+        if t.name.startswith("cache_") and t.name != "cache_mask":
+            n = 1
+            for d in t.shape:
+                n *= (1 if d == "batch" else cap if d == "cache_len" else d) if isinstance(d, str) else d
+            kv += n * _DTYPE_BYTES[t.dtype]
+    emb = manifest.components["embed_tokens"].outputs[0]
+    row = int(emb.shape[-1]) * _DTYPE_BYTES[emb.dtype] if isinstance(emb.shape[-1], int) else 0
+    weights = graph_bytes(manifest, "decoder")
+    return {"weights": weights, "kv_cache": kv, "embedding_row": row, "total": weights + kv + row}
+
+
+# --------------------------------------------------------------------------------------------------
+# the machine's limits
+# --------------------------------------------------------------------------------------------------
+def measure_read_bandwidth(nbytes: int, threads: int, passes: int = 5, min_bytes: int = 256 << 20) -> float:
+    """GB/s of `threads` threads each summing its slice of one `nbytes` buffer (numpy's reductions release the
+    GIL): the best of `passes`, each reading the buffer as many times as it takes to read `min_bytes` (so thread
+    start-up does not count for small buffers)."""
+    n = max(nbytes // 4, threads * 1024)
+    buf = np.ones(n, dtype=np.float32)
+    slices = np.array_split(buf, threads)
+    reps = max(1, -(-min_bytes // buf.nbytes))
+    best = 0.0
+    for _ in range(passes):
+        barrier = threading.Barrier(threads + 1)
+
+        def work(a):
+            barrier.wait()
+            for _ in range(reps):
+                np.add.reduce(a)
+
+        workers = [threading.Thread(target=work, args=(s,)) for s in slices]
+        for w in workers:
+            w.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for w in workers:
+            w.join()
+        dt = time.perf_counter() - t0
+        best = max(best, reps * buf.nbytes / dt / GB)
+    return best
+
+
+def measure_gemm_peak(threads: int, bits: int | None = None, accuracy_level: int | None = None,
+                      m: int = 512, k: int = 2048, n: int = 2048, repeat: int = 5) -> float | None:
+    """GFLOP/s of ONNX Runtime's MatMul on [m, k] x [k, n] (float32 weights, or MatMulNBits with `bits`-bit
+    blocks at `accuracy_level`), with the runtime's session settings. None without the onnx package."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = min(model.ir_version, 10)
+    if bits:
+        import logging
+
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+        cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=accuracy_level, bits=bits)
+        q = MatMulNBitsQuantizer(model, algo_config=cfg)
+        quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+        level, quiet.level = quiet.level, logging.WARNING
+        try:
+            q.process()
+        finally:
+            quiet.setLevel(level)
+        model = q.model.model
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    sess.run(None, {"x": x})
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": x})
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Limits:
+    threads: int
+    decode_bytes: dict[str, int]  # per step: weights, kv_cache, embedding_row, total
+    read_gbps: float  # measured, same working-set size and threads
+    gemm_peak_gflops: float | None  # measured, the build's weight format
+    gemm_kind: str
+    flops_per_row: dict[str, int | None] = field(default_factory=dict)  # component -> weight-MatMul FLOPs per input row
+    decode_gbps: float = 0.0  # effective: bytes per step x decode tokens/s
+    prefill_gflops: float | None = None
+    vision_gflops: float | None = None
+    prefill_flops: int | None = None
+    vision_flops: int | None = None
+
+    @property
+    def percent(self) -> dict[str, float | None]:
+        peak = self.gemm_peak_gflops
+        return {
+            "decode": 100 * self.decode_gbps / self.read_gbps if self.read_gbps else None,
+            "prefill": 100 * self.prefill_gflops / peak if peak and self.prefill_gflops is not None else None,
+            "vision": 100 * self.vision_gflops / peak if peak and self.vision_gflops is not None else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["percent_of_limit"] = {k: (round(v, 1) if v is not None else None) for k, v in self.percent.items()}
+        for key in ("read_gbps", "gemm_peak_gflops", "decode_gbps", "prefill_gflops", "vision_gflops"):
+            if d[key] is not None:
+                d[key] = round(d[key], 2)
+        return d
+
+
+def measure_limits(manifest, rows: dict[str, int], timings_ms: dict[str, float], decode_tok_s: float, log=print) -> Limits:
+    """The limits of this machine for this build, and how close the median request came (`rows`: input rows per
+    request of each component: prompt tokens for the decoder, patches for the vision encoder)."""
+    threads = runtime_threads()
+    step = decode_step_bytes(manifest)
+    quant = manifest.data.get("quantization") or {}
+    bits = quant.get("bits") if "decoder" in (quant.get("components") or {}) else None
+    level = quant.get("accuracy_level")
+    log(f"measuring this machine's limits with {threads} thread(s): read bandwidth over {step['total'] / 1e6:.0f} MB, "
+        f"ONNX Runtime GEMM ({f'{bits}-bit weights' if bits else 'float32'})")
+    read = measure_read_bandwidth(step["total"], threads)
+    peak = measure_gemm_peak(threads, bits, level)
+    flops = {c: matmul_flops_per_row(manifest.component_file(c)) for c in ("decoder", "vision_encoder", "projector") if c in manifest.components}
+    lim = Limits(threads, step, read, peak, f"{bits}-bit MatMulNBits (accuracy level {level})" if bits else "float32 MatMul", flops)
+    lim.decode_gbps = step["total"] * decode_tok_s / GB
+    if flops.get("decoder") is not None and rows.get("decoder") and timings_ms.get("prefill"):
+        lim.prefill_flops = flops["decoder"] * rows["decoder"]
+        lim.prefill_gflops = lim.prefill_flops / (timings_ms["prefill"] / 1e3) / 1e9
+    vis = [c for c in ("vision_encoder", "projector") if flops.get(c) is not None]
+    if vis and rows.get("vision_encoder") and timings_ms.get("vision"):
+        # the projector's rows are merged patches; it is timed as its own stage, so vision counts the encoder alone
+        lim.vision_flops = flops["vision_encoder"] * rows["vision_encoder"] if flops.get("vision_encoder") is not None else None
+        if lim.vision_flops:
+            lim.vision_gflops = lim.vision_flops / (timings_ms["vision"] / 1e3) / 1e9
+    return lim

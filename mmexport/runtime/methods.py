@@ -56,6 +56,14 @@ class FamilyRuntime:
         """Further per-prompt arrays the decoder needs (Method B: the cross-attention mask)."""
         return {}
 
+    # the chat template for checkpoints that ship none (a family's fixed prompt format), else None
+    default_chat_template: str | None = None
+
+    def add_special_tokens(self, text: str, special_tokens: dict[str, str]) -> bool:
+        """Whether tokenizing the rendered prompt adds the tokenizer's own special tokens (e.g. a BOS its
+        post-processor inserts); by default no: the chat template writes them."""
+        return False
+
     def request_inputs(self, state) -> dict[str, np.ndarray]:
         """Decoder inputs fixed for the whole request (Method B: the cross K/V), part of every step's feeds;
         a batching runtime keeps them per slot instead of gathering them each step."""

@@ -98,6 +98,11 @@ class OnevisionImageParams(ParamsDict):
         )
 
     @property
+    def out_size(self) -> tuple[int, int]:
+        """(height, width) of every view (the tower's picture size)."""
+        return self.size_height, self.size_width
+
+    @property
     def max_tiles(self) -> int:
         """The most tiles any pinpoint cuts (the base view not counted)."""
         return max((h // self.tile) * (w // self.tile) for h, w in self.grid_pinpoints)

@@ -38,6 +38,12 @@ class FamilyRuntime:
     def preprocess(self, image) -> Any:
         raise NotImplementedError
 
+    def preprocess_images(self, images: Sequence[Any]) -> list[Any]:
+        """All images of one prompt (PIL images, in order). By default each on its own; a family whose processor
+        treats an image differently when the prompt holds others (LLaVA-OneVision: one image is cut into anyres
+        tiles, several become one view each) overrides this."""
+        return [self.preprocess(im) for im in images]
+
     def image_token_count(self, img) -> int:
         """How many placeholder tokens one image takes in the prompt."""
         return 1

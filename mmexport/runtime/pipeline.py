@@ -169,12 +169,10 @@ class Pipeline:
     def _preprocess(self, images: Sequence[Any]) -> list[Any]:
         if len(images) > self.max_images:
             raise UserError(f"{len(images)} images given; this build allows at most {self.max_images} per prompt")
-        encoded = []
-        for i, im in enumerate(images):
-            pil = load_image(im) if isinstance(im, (str, Path)) else im
-            enc = self.family.preprocess(pil)
+        pils = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
+        encoded = self.family.preprocess_images(pils)
+        for i, (im, pil, enc) in enumerate(zip(images, pils, encoded)):
             self._check_vision_input(i, im, pil, enc)
-            encoded.append(enc)
         return encoded
 
     def _prepare_text(self, text: str, encoded: list[Any]) -> Prepared:

@@ -42,6 +42,17 @@ class FamilyRuntime:
         """How many placeholder tokens one image takes in the prompt."""
         return 1
 
+    # the prompt as the family's processor builds it from the chat-rendered text
+    add_special_tokens: bool = False  # tokenize with the tokenizer's own special tokens (a BOS its post-processor adds)
+
+    def prompt_text(self, text: str) -> str:
+        """The rendered prompt before placeholder expansion (a processor that prepends a system prompt does it here)."""
+        return text
+
+    def image_text(self, img) -> str:
+        """What one image's placeholder becomes in the prompt text (transformers' `replace_image_token`)."""
+        return self.image_token * self.image_token_count(img)
+
     def prompt_positions(self, input_ids: Sequence[int], images: Sequence[Any]) -> tuple[np.ndarray, int]:
         """Decoder position ids for the prompt and the offset that decode steps add."""
         raise NotImplementedError

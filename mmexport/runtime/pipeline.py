@@ -178,9 +178,10 @@ class Pipeline:
         return encoded
 
     def _prepare_text(self, text: str, encoded: list[Any]) -> Prepared:
+        text = self.family.prompt_text(text)
         if encoded or self.family.image_token in text:
-            text = PromptBuilder.expand_placeholders(text, self.family.image_token, [self.family.image_token_count(e) for e in encoded])
-        ids = np.asarray(self.prompts.encode(text), dtype=np.int64)
+            text = PromptBuilder.expand_placeholders(text, self.family.image_token, [self.family.image_text(e) for e in encoded])
+        ids = np.asarray(self.prompts.encode(text, add_special_tokens=self.family.add_special_tokens), dtype=np.int64)
         if len(ids) == 0:
             raise UserError("the prompt is empty")
         if len(ids) >= self.max_context:

@@ -94,19 +94,22 @@ class PromptBuilder:
             raise UserError(f"the chat template failed: {e}") from None
 
     @staticmethod
-    def expand_placeholders(text: str, placeholder: str, counts: Sequence[int]) -> str:
-        """Replace the i-th `placeholder` with counts[i] copies (what transformers' processor does)."""
+    def expand_placeholders(text: str, placeholder: str, counts: Sequence[int | str]) -> str:
+        """Replace the i-th `placeholder` with counts[i] copies, or with the text counts[i] (what transformers'
+        processor does)."""
         parts = text.split(placeholder)
         if len(parts) - 1 != len(counts):
             raise UserError(f"the prompt holds {len(parts) - 1} image placeholders for {len(counts)} images")
         out = [parts[0]]
         for n, rest in zip(counts, parts[1:]):
-            out.append(placeholder * n)
+            out.append(n if isinstance(n, str) else placeholder * n)
             out.append(rest)
         return "".join(out)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` applies tokenizer.json's post-processor (a BOS), as a
+        transformers tokenizer call does by default."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -30,3 +30,32 @@ def run_vs_generate(art: Path, ckpt: Path, family: str, prompt: str, images: lis
     cut = next((i for i, t in enumerate(ref) if t in eos), len(ref))  # the runtime stops before an EOS
     ref = ref[:cut]
     return {"ours": ours, "transformers": ref}
+
+
+def parallel_builds(jobs: dict[str, tuple], root: Path, timeout: int = 900) -> dict[str, Path]:
+    """`mmexport ARGS --out root/NAME` for every job, run side by side as subprocesses; asserts each succeeded."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "mmexport", *map(str, args), "--out", str(root / name)], cwd=REPO,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in jobs.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"build {name}: exit {proc.returncode}\n{out}\n{err}"
+    return {name: root / name for name in jobs}
+
+
+def blocked_env(root: Path) -> dict[str, str]:
+    """PYTHONPATH for a subprocess in which `import torch` and `import transformers` fail (the runtime must not need them)."""
+    from conftest import REPO
+
+    block = root / "torch-blocked"
+    for mod in ("torch", "transformers"):
+        (block / mod).mkdir(parents=True, exist_ok=True)
+        (block / mod / "__init__.py").write_text(f"raise ImportError('{mod} is blocked in this test')\n")
+    return {"PYTHONPATH": f"{block}:{REPO}"}

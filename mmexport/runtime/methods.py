@@ -42,16 +42,14 @@ class FamilyRuntime:
         """How many placeholder tokens one image takes in the prompt."""
         return 1
 
-    # the prompt as the family's processor builds it from the chat-rendered text
-    add_special_tokens: bool = False  # tokenize with the tokenizer's own special tokens (a BOS its post-processor adds)
+    def image_text(self, img) -> str:
+        """What one image's placeholder becomes in the prompt text (transformers' `replace_image_token`; default:
+        the placeholder repeated `image_token_count` times)."""
+        return self.image_token * self.image_token_count(img)
 
     def prompt_text(self, text: str) -> str:
         """The rendered prompt before placeholder expansion (a processor that prepends a system prompt does it here)."""
         return text
-
-    def image_text(self, img) -> str:
-        """What one image's placeholder becomes in the prompt text (transformers' `replace_image_token`)."""
-        return self.image_token * self.image_token_count(img)
 
     def prompt_positions(self, input_ids: Sequence[int], images: Sequence[Any]) -> tuple[np.ndarray, int]:
         """Decoder position ids for the prompt and the offset that decode steps add."""
@@ -60,6 +58,14 @@ class FamilyRuntime:
     def prompt_extras(self, input_ids: np.ndarray, images: Sequence[Any]) -> dict[str, np.ndarray]:
         """Further per-prompt arrays the decoder needs (Method B: the cross-attention mask)."""
         return {}
+
+    # the chat template for checkpoints that ship none (a family's fixed prompt format), else None
+    default_chat_template: str | None = None
+
+    def add_special_tokens(self, text: str, special_tokens: dict[str, str]) -> bool:
+        """Whether tokenizing the rendered prompt adds the tokenizer's own special tokens (e.g. a BOS its
+        post-processor inserts); by default no: the chat template writes them."""
+        return False
 
     def request_inputs(self, state) -> dict[str, np.ndarray]:
         """Decoder inputs fixed for the whole request (Method B: the cross K/V), part of every step's feeds;

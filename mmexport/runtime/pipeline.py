@@ -139,7 +139,7 @@ class Pipeline:
             name: make_runner(backend, m.component_file(name), spec, manifest=m, **runner_kw).activate() for name, spec in self.specs.items()
         }
         tok = m.tokenizer
-        template = m.read_text(tok["chat_template"]) if tok.get("chat_template") else None
+        template = m.read_text(tok["chat_template"]) if tok.get("chat_template") else self.family.default_chat_template
         try:
             self.prompts = PromptBuilder(template, m.path(tok["file"]), tok.get("special_tokens", {}))
         except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
@@ -181,7 +181,8 @@ class Pipeline:
         text = self.family.prompt_text(text)
         if encoded or self.family.image_token in text:
             text = PromptBuilder.expand_placeholders(text, self.family.image_token, [self.family.image_text(e) for e in encoded])
-        ids = np.asarray(self.prompts.encode(text, add_special_tokens=self.family.add_special_tokens), dtype=np.int64)
+        specials = self.family.add_special_tokens(text, self.prompts.special_tokens)
+        ids = np.asarray(self.prompts.encode(text, add_special_tokens=specials), dtype=np.int64)
         if len(ids) == 0:
             raise UserError("the prompt is empty")
         if len(ids) >= self.max_context:

@@ -107,8 +107,6 @@ class PromptBuilder:
         return "".join(out)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; `add_special_tokens` applies tokenizer.json's post-processor (a BOS), as a
-        transformers tokenizer call does by default."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -24,6 +24,7 @@ FAMILIES: dict[str, str] = {
     "qwen3_vl": "mmexport.families.qwen3_vl",
     "mllama": "mmexport.families.mllama",
     "llava": "mmexport.families.llava",
+    "janus": "mmexport.families.janus",
 }
 
 

@@ -162,9 +162,11 @@ class TowerRuntime(EmbeddingMerge):
     """The pipeline hooks of a fixed-size ViT family (see the module docstring); families override `pictures`,
     `image_token_count` or the block layout where they differ."""
 
+    image_params_class: Any = FixedImageParams  # the manifest's "image" table (a family with its own processor: its params)
+
     def __init__(self, model_cfg: dict[str, Any]):
         self.model_cfg = model_cfg
-        self.image_params = FixedImageParams.from_dict(model_cfg["image"])
+        self.image_params = self.image_params_class.from_dict(model_cfg["image"])
         self.image_token = model_cfg["image_token"]
         self.image_token_id = int(model_cfg["tokens"]["image_token_id"])
         self.tokens_per_image = int(model_cfg["tokens_per_image"])

@@ -55,6 +55,11 @@ class JanusImageParams(ParamsDict):
     optional = ParamsDict.optional + ("do_resize", "do_pad")
 
     @property
+    def out_size(self) -> tuple[int, int]:
+        """(height, width) of every processed picture; 0 when it depends on the image (resize or padding off)."""
+        return (self.size, self.size) if self.do_resize and self.do_pad else (0, 0)
+
+    @property
     def background_color(self) -> tuple[int, int, int]:
         """The padding colour, as JanusImageProcessorPil derives it from image_mean (truncated, not rounded)."""
         return tuple(int(m * 255) for m in self.image_mean)  # type: ignore[return-value]

@@ -26,6 +26,7 @@ FAMILIES: dict[str, str] = {
     "llava": "mmexport.families.llava",
     "paligemma": "mmexport.families.paligemma",
     "llava_onevision": "mmexport.families.llava_onevision",
+    "janus": "mmexport.families.janus",
 }
 
 

@@ -48,6 +48,15 @@ class FamilyRuntime:
         """How many placeholder tokens one image takes in the prompt."""
         return 1
 
+    def image_text(self, img) -> str:
+        """What one image's placeholder becomes in the prompt text (transformers' `replace_image_token`; default:
+        the placeholder repeated `image_token_count` times)."""
+        return self.image_token * self.image_token_count(img)
+
+    def prompt_text(self, text: str) -> str:
+        """The rendered prompt before placeholder expansion (a processor that prepends a system prompt does it here)."""
+        return text
+
     def prompt_positions(self, input_ids: Sequence[int], images: Sequence[Any]) -> tuple[np.ndarray, int]:
         """Decoder position ids for the prompt and the offset that decode steps add."""
         raise NotImplementedError

@@ -46,6 +46,16 @@ class FamilyRuntime:
         """Decoder position ids for the prompt and the offset that decode steps add."""
         raise NotImplementedError
 
+    def expand_prompt(self, text: str, images: Sequence[Any]) -> str:
+        """The rendered prompt with each image placeholder expanded as the family's processor does (default: the
+        placeholder repeated `image_token_count` times; a family whose processor writes other tokens around the
+        image, or a BOS, overrides it)."""
+        from .prompt import PromptBuilder
+
+        if not images and self.image_token not in text:
+            return text
+        return PromptBuilder.expand_placeholders(text, self.image_token, [self.image_token_count(e) for e in images])
+
     def prompt_extras(self, input_ids: np.ndarray, images: Sequence[Any]) -> dict[str, np.ndarray]:
         """Further per-prompt arrays the decoder needs (Method B: the cross-attention mask)."""
         return {}

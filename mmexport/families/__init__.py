@@ -27,6 +27,7 @@ FAMILIES: dict[str, str] = {
     "paligemma": "mmexport.families.paligemma",
     "llava_onevision": "mmexport.families.llava_onevision",
     "janus": "mmexport.families.janus",
+    "molmo2": "mmexport.families.molmo2",
 }
 
 

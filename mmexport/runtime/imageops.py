@@ -183,3 +183,63 @@ def patchify_merge_blocks(chw: np.ndarray, patch_size: int, merge_size: int, tem
     patches = np.transpose(patches, (1, 4, 2, 5, 0, 3, 6))  # (gh, gw, mh, mw, C, ph, pw)
     patches = np.broadcast_to(patches[:, :, :, :, :, None, :, :], (*patches.shape[:5], temporal_patch_size, *patches.shape[5:]))
     return np.ascontiguousarray(patches.reshape(grid_h * grid_w, channel * temporal_patch_size * patch_size * patch_size), dtype=np.float32)
+
+
+# -- transformers' torchvision backend (TorchvisionBackend), for processors that ship no PIL class --------------
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fused multiply-add a*b + c, rounded once (the float64 product of two float32 values is exact)."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ATen's `compute_indices_weights_linear` (align_corners=False, no antialias) in float32: for each output
+    index the two source indices and their weights. The source index `scale * (i + 0.5) - 0.5` is one fused
+    multiply-add in PyTorch's CPU build (bit-identical weights only with it)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+    src = _fma32(np.full_like(dst, scale), dst, np.full_like(dst, -0.5))
+    src = np.where(src < 0, np.float32(0), src).astype(np.float32)
+    i0 = src.astype(np.int64)  # truncation of a non-negative value
+    i1 = i0 + (i0 < in_size - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    w0 = (np.float32(1) - w1).astype(np.float32)
+    return i0, i1, w0, w1
+
+
+def resize_bilinear_torch(chw: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`torch.nn.functional.interpolate(x.float(), (height, width), mode="bilinear", align_corners=False,
+    antialias=False)` on a CHW array (torchvision's `resize(..., antialias=False)` of a float tensor is this call),
+    in float32 with the CPU kernel's order of operations and fused multiply-adds: along the width first,
+    `t = fma(x0, w0, x1 * w1)` for the two source rows, then `fma(t0, h0, t1 * h1)`. Bit-identical to
+    PyTorch 2.13 on x86-64 (tested on odd sizes; scripts/molmo2_golden.py checks torchvision itself)."""
+    x = np.asarray(chw, dtype=np.float32)
+    h0, h1, wh0, wh1 = _linear_taps(x.shape[1], height)
+    c0, c1, ww0, ww1 = _linear_taps(x.shape[2], width)
+    shape = (x.shape[0], height, width)
+    ww0, ww1 = np.broadcast_to(ww0, shape), np.broadcast_to(ww1, shape)
+    wh0, wh1 = np.broadcast_to(wh0[:, None], shape), np.broadcast_to(wh1[:, None], shape)
+    r0, r1 = x[:, h0], x[:, h1]  # [C, H', W]
+    t0 = _fma32(r0[:, :, c0], ww0, r0[:, :, c1] * ww1)
+    t1 = _fma32(r1[:, :, c0], ww0, r1[:, :, c1] * ww1)
+    return _fma32(t0, wh0, t1 * wh1)
+
+
+def resize_uint8_via_float(chw: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A uint8 image resized in float (`resize_bilinear_torch`), then rounded half to even and clamped back to
+    uint8, as processors do that resize in float to avoid uint8 wrap-around (Molmo2's `resize_and_normalize_image`)."""
+    return np.clip(np.round(resize_bilinear_torch(chw, height, width)), 0, 255).astype(np.uint8)
+
+
+def rescale_normalize_fused(chw: np.ndarray, params: Any) -> np.ndarray:
+    """TorchvisionBackend.rescale_and_normalize: with both rescale and normalize, the rescale is folded into the
+    float32 mean/std (`mean * (1 / factor)`), then `(x - mean) / std` in float32; otherwise as `rescale_normalize`."""
+    if params.do_rescale and params.do_normalize:
+        inv = np.float32(1.0 / params.rescale_factor)
+        m = (np.asarray(params.image_mean, dtype=np.float32) * inv)[:, None, None]
+        s = (np.asarray(params.image_std, dtype=np.float32) * inv)[:, None, None]
+        return (chw.astype(np.float32) - m) / s
+    if params.do_normalize:
+        return normalize(chw.astype(np.float32), params.image_mean, params.image_std)
+    if params.do_rescale:
+        return (chw.astype(np.float32) * np.float32(params.rescale_factor)).astype(np.float32)
+    return chw.astype(np.float32)

@@ -61,6 +61,17 @@ class FamilyRuntime:
         """Decoder position ids for the prompt and the offset that decode steps add."""
         raise NotImplementedError
 
+    def expand_prompt(self, text: str, images: Sequence[Any]) -> str:
+        """The rendered prompt with each image placeholder expanded as the family's processor does (default:
+        `prompt_text`, then each placeholder replaced by `image_text`; a family whose processor rewrites the prompt
+        more than that overrides it). The pipeline then tokenizes it, with `add_special_tokens`."""
+        from .prompt import PromptBuilder
+
+        text = self.prompt_text(text)
+        if not images and self.image_token not in text:
+            return text
+        return PromptBuilder.expand_placeholders(text, self.image_token, [self.image_text(e) for e in images])
+
     def prompt_extras(self, input_ids: np.ndarray, images: Sequence[Any]) -> dict[str, np.ndarray]:
         """Further per-prompt arrays the decoder needs (Method B: the cross-attention mask)."""
         return {}

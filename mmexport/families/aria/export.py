@@ -133,6 +133,7 @@ class AriaAdapter(AriaReference, FamilyAdapter):
                     bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<pad>"])
         vision = {"model_type": "idefics3_vision", **dict(syn["vision_config"])}
         config = AriaConfig(vision_config=vision, text_config=text, image_token_index=ids[IMAGE_TOKEN],
+                            vision_feature_layer=int(syn.get("vision_feature_layer", -1)),
                             projector_patch_to_query_dict={int(k): int(v) for k, v in syn["patch_to_query"].items()})
         seed = int(syn.get("seed", 0))
         torch.manual_seed(seed)

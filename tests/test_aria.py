@@ -187,6 +187,17 @@ def test_split_prompt_expansion_equals_aria_processor(adapter, other, builds):
         assert [im.num_crops for im in prep.images] == [2, 2]
         assert np.array_equal(prep.input_ids, ref["input_ids"][0].numpy())
         assert np.array_equal(np.concatenate([im.pixel_values for im in prep.images]), ref["pixel_values"].numpy())
+        # unequal crop counts: each image keeps its own (AriaProcessor would give both the larger, which its model
+        # cannot run; the reference says so in one line)
+        mixed = [_image(131, 300, 4), _image(120, 1400, 6)]
+        prep = pipe.prepare("Compare.", mixed)
+        crops = [im.num_crops for im in prep.images]
+        assert crops[0] != crops[1]
+        assert int(np.count_nonzero(prep.input_ids == model.config.image_token_id)) == sum(crops) * 6
+    from mmexport.errors import UserError
+
+    with pytest.raises(UserError, match="largest count"):
+        adapter.reference_inputs(model, other, user_message("Compare.", 2), mixed)
 
 
 # -- the tiny recipe ------------------------------------------------------------------------------------

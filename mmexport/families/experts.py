@@ -14,9 +14,10 @@ weight for it (the top-k weights where the token chose the expert, 0 elsewhere):
     dense_w [T, E] = sum_k (top_k_index[:, k] == e) * top_k_weights[:, k]
     out = sum_e dense_w[:, e] * down_e(act(gate_e(x)) * up_e(x))
 
-Shapes are static given the token count (no NonZero, no gathers of weights per token), the expert loop is
-unrolled over the config's fixed expert count, and the live memory is one expert's [T, intermediate]
-activations plus the [T, hidden] accumulator, whatever the number of experts. The cost is compute: every
+Shapes are static given the token count (no NonZero, no gathers of weights per token) and the expert loop is
+unrolled over the config's fixed expert count. No tensor has a tokens x experts x width shape: each expert's
+activations are [T, intermediate], accumulated into one [T, hidden] sum (only the [T, E] routing weights
+span the experts), so a runtime that runs the nodes in order holds one expert's activations at a time. The cost is compute: every
 expert runs on every token, E / top_k times the routed FLOPs of the sparse layer (Aria: 64 experts, top-6:
 about 10.7x), and each decode step reads every expert's weights instead of the top_k chosen ones.
 """

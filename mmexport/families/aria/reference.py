@@ -37,7 +37,15 @@ class AriaReference:
         text = proc.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         out = dict(proc(text=text, images=list(images) or None, return_tensors="pt", **kw))
         if images:
-            out["crops_per_image"] = [proc.image_processor.get_number_of_image_patches(im.height, im.width, kw) for im in images]
+            crops = [proc.image_processor.get_number_of_image_patches(im.height, im.width, kw) for im in images]
+            if len(set(crops)) > 1:
+                # AriaProcessor expands every image to the call's largest crop count (`num_crops`), so its prompt
+                # holds more <|img|> tokens than transformers' model computes features for (the model raises)
+                from ...errors import UserError
+
+                raise UserError(f"these images split into {crops} crops; AriaProcessor gives each the largest count, which "
+                                "transformers' Aria cannot run: compare with images of equal crop counts")
+            out["crops_per_image"] = crops
         out.pop("num_crops", None)
         return out
 

@@ -28,6 +28,7 @@ FAMILIES: dict[str, str] = {
     "llava_onevision": "mmexport.families.llava_onevision",
     "janus": "mmexport.families.janus",
     "molmo2": "mmexport.families.molmo2",
+    "aria": "mmexport.families.aria",
 }
 
 

@@ -3,7 +3,7 @@
 `StaticCacheDecoder` wraps a text model (`model.model.language_model` of a VLM) and its LM head. The
 text model's own `forward` runs unchanged — embeddings in, its rotary (1D, M-RoPE, per layer type), its
 decoder layers, its final norm — with only the attention function swapped for the static-cache one
-(`attention.py`), so a new family's decoder needs no code: its ComponentSpec (built by `decoder_spec`)
+(`attention.py`) and, in mixture-of-experts layers, the experts function for the dense one (`experts.py`), so a new family's decoder needs no code: its ComponentSpec (built by `decoder_spec`)
 says what the graph takes. Families with extra decoder inputs add them to the spec and use the hooks:
 `stack_kwargs` (more keyword arguments for the text model's forward) and `layer_hooks` (a function
 applied to a layer's output, e.g. Qwen3-VL's deepstack features added after its first layers). A family
@@ -24,6 +24,7 @@ from torch import nn
 from ..spec import ComponentSpec, Dim, TensorSpec
 from .attention import static_cache, use_static_cache_attention
 from .base import StaticKVCache
+from .experts import use_dense_experts
 
 POSITIONS = {
     "1d": ("batch", "seq_len"),
@@ -81,7 +82,8 @@ class StaticCacheDecoder(nn.Module):
     def forward(self, *inputs):
         x = dict(zip(self.input_names, inputs))
         caches = {i: (x[f"cache_key_{i}"], x[f"cache_value_{i}"]) for i in self.layers}
-        with use_static_cache_attention(self.text_model.config), static_cache(x["cache_mask"], caches, x.get("image_block_ids")) as ctx:
+        cfg = self.text_model.config
+        with use_static_cache_attention(cfg), use_dense_experts(cfg), static_cache(x["cache_mask"], caches, x.get("image_block_ids")) as ctx:
             h = self.run_stack(x)
         logits = self.lm_head(h[:, -1:, :])
         if self.softcap:

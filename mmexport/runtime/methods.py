@@ -42,6 +42,12 @@ class FamilyRuntime:
         """How many placeholder tokens one image takes in the prompt."""
         return 1
 
+    def image_placeholder(self, img) -> str:
+        """The text that replaces one image's placeholder in the prompt: `image_token` repeated
+        `image_token_count` times, unless a family lays its image tokens out with others (Pixtral: row
+        breaks and an end token)."""
+        return self.image_token * self.image_token_count(img)
+
     def prompt_positions(self, input_ids: Sequence[int], images: Sequence[Any]) -> tuple[np.ndarray, int]:
         """Decoder position ids for the prompt and the offset that decode steps add."""
         raise NotImplementedError

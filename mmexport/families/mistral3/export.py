@@ -189,7 +189,7 @@ class Mistral3Adapter(Mistral3Reference, FamilyAdapter):
     def _grid_dim(self, name: str, params: PixtralImageParams, merge: int) -> Dim:
         """A side of the patch grid: whole merge blocks, up to what `longest_edge` allows (rounded up to a unit)."""
         most = -(-params.longest_edge // params.unit) * merge
-        return Dim(name, merge, min(most, 16 * merge), most, multiple=merge)
+        return Dim(name, merge, max(merge, most // 2 // merge * merge), most, multiple=merge)
 
     def specs(self, model, recipe: Recipe, model_dir: Path) -> list[ComponentSpec]:
         from ..decoder import decoder_spec, embed_spec

@@ -53,8 +53,14 @@ class Mistral3Reference:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return processor_inputs(Path(model_dir), text, images)
+        # Mistral's -hf checkpoints keep the template in chat_template.json (the processor's), where the build
+        # reads it too; transformers' processor renders it with the tokenizer's special tokens
+        d = Path(model_dir)
+        template = ((d / "chat_template.jinja").read_text() if (d / "chat_template.jinja").is_file()
+                    else json.loads((d / "chat_template.json").read_text()).get("chat_template") if (d / "chat_template.json").is_file()
+                    else None)
+        text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        return processor_inputs(d, text, images)
 
     def reference_outputs(self, model, inputs: dict[str, Any]) -> dict[str, Any]:
         import torch

@@ -299,3 +299,36 @@ def test_second_checkpoint_run_equals_generate(builds, second_checkpoint, tmp_pa
         assert ours["calls"]["vision_encoder"] == ours["calls"]["projector"] == len(imgs)
         k = len(ours["token_ids"])
         assert k > 0 and ours["token_ids"] == ref[:k] and (k == n or ref[k] in eos), (prompt, ours["token_ids"], ref)
+
+
+def test_requests_decode_together_like_alone(pipe):
+    """`serve`'s slots: an image request, a text-only one and a two-image one decoding in one batch give the
+    tokens each gets alone (1D positions per row)."""
+    from mmexport.runtime.batch import SlotDecoder
+    from mmexport.runtime.pipeline import KVCache
+
+    images = [_image(90, 140, 30), _image(200, 61, 31)]
+    reqs = [("Describe.", images[:1]), ("Hello there.", []), ("Compare.", images)]
+    n = 8
+
+    def alone(prompt, imgs):
+        prep = pipe.prepare(prompt, imgs)
+        state, cache = pipe.encode_images(prep.images), KVCache(pipe.specs["decoder"])
+        logits, toks = pipe.prefill(prep, state, cache), []
+        for _ in range(n):
+            toks.append(int(np.argmax(logits)))
+            logits = pipe.decoder_step(pipe.embed(np.asarray([toks[-1]])), pipe.family.step_feeds(prep, state, cache.length), cache)
+        return toks
+
+    dec = SlotDecoder(pipe, 4)
+    slots, logits, got = {}, {}, {i: [] for i in range(len(reqs))}
+    for i, (prompt, imgs) in enumerate(reqs):
+        prep = pipe.prepare(prompt, imgs)
+        slots[i] = dec.free_slot()
+        logits[i] = dec.admit(slots[i], prep, pipe.encode_images(prep.images))
+    for _ in range(n):
+        for i in slots:
+            got[i].append(int(np.argmax(logits[i])))
+        out = dec.step({slots[i]: got[i][-1] for i in slots})
+        logits = {i: out[slots[i]] for i in slots}
+    assert [got[i] for i in range(len(reqs))] == [alone(*r) for r in reqs]

@@ -86,6 +86,7 @@ def feature_layers(config, num_layers: int) -> list[int]:
 def vision_encoder_module(tower, layers: list[int]):
     """The Pixtral tower for one image: pixel_values [gh, gw, 3*p*p], rotary cos/sin [gh, gw, head_dim] ->
     hidden states [gh, gw, width * len(layers)] (the checkpoint's own layers, ln_pre and patch weights)."""
+    import torch
     from torch import nn
 
     class VisionEncoder(nn.Module):
@@ -105,7 +106,7 @@ def vision_encoder_module(tower, layers: list[int]):
             for layer in self.layers:
                 x = layer(x, None, position_embeddings=pos)
                 states.append(x)
-            out = states[layers[0]] if len(layers) == 1 else __import__("torch").cat([states[i] for i in layers], -1)
+            out = states[layers[0]] if len(layers) == 1 else torch.cat([states[i] for i in layers], -1)
             return out.reshape(gh, gw, -1)
 
     return VisionEncoder()

@@ -29,6 +29,7 @@ FAMILIES: dict[str, str] = {
     "janus": "mmexport.families.janus",
     "molmo2": "mmexport.families.molmo2",
     "aria": "mmexport.families.aria",
+    "mistral3": "mmexport.families.mistral3",
 }
 
 

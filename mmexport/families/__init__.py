@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "mllama": "mmexport.families.mllama",
     "llava": "mmexport.families.llava",
     "llava_onevision": "mmexport.families.llava_onevision",
+    "paligemma": "mmexport.families.paligemma",
 }
 
 

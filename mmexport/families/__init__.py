@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "mllama": "mmexport.families.mllama",
     "llava": "mmexport.families.llava",
     "paligemma": "mmexport.families.paligemma",
+    "gemma3": "mmexport.families.gemma3",
 }
 
 

@@ -26,6 +26,7 @@ FAMILIES: dict[str, str] = {
     "llava": "mmexport.families.llava",
     "llava_onevision": "mmexport.families.llava_onevision",
     "paligemma": "mmexport.families.paligemma",
+    "gemma3": "mmexport.families.gemma3",
 }
 
 

@@ -48,6 +48,13 @@ class FamilyRuntime:
         """How many placeholder tokens one image takes in the prompt."""
         return 1
 
+    def expand_prompt(self, text: str, images: Sequence[Any]) -> str:
+        """The rendered prompt with each image placeholder expanded (default: `image_token` repeated
+        `image_token_count` times, as most processors do)."""
+        from .prompt import PromptBuilder
+
+        return PromptBuilder.expand_placeholders(text, self.image_token, [self.image_token_count(e) for e in images])
+
     def prompt_positions(self, input_ids: Sequence[int], images: Sequence[Any]) -> tuple[np.ndarray, int]:
         """Decoder position ids for the prompt and the offset that decode steps add."""
         raise NotImplementedError

@@ -135,3 +135,19 @@ def test_checkpoint_build_without_recipe_gives_generate_tokens(builds, adapter, 
     model = adapter.load(other_ckpt)
     cases = [("Describe the picture.", [two]), ("Compare the two pictures.", [one, three]), ("Write one sentence about rivers.", [])]
     check_run_equals_generate(builds["other"], other_ckpt, adapter, model, cases, tmp_path)
+
+
+def test_build_refuses_pinpoints_that_differ_between_config_and_preprocessor(adapter, model, checkpoint, tmp_path):
+    import shutil
+
+    from mmexport.errors import UserError
+    from mmexport.recipes import load_recipe
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, d)
+    pre = json.loads((d / "preprocessor_config.json").read_text())
+    pre["image_grid_pinpoints"] = pre["image_grid_pinpoints"][:-1]
+    (d / "preprocessor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(UserError, match="image_grid_pinpoints"):
+        adapter.specs(model, load_recipe("llava-onevision-tiny"), d)
+    assert [c.name for c in adapter.specs(model, load_recipe("llava-onevision-tiny"), checkpoint)][:2] == ["vision_encoder", "projector"]

@@ -30,6 +30,7 @@ FAMILIES: dict[str, str] = {
     "molmo2": "mmexport.families.molmo2",
     "aria": "mmexport.families.aria",
     "mistral3": "mmexport.families.mistral3",
+    "gemma3": "mmexport.families.gemma3",
 }
 
 

@@ -216,6 +216,14 @@ class TowerRuntime(EmbeddingMerge):
         return outputs
 
     # -- prompt --------------------------------------------------------------------------------
+    def image_text(self, img: TowerImage) -> str:
+        """`before` + image token x count + `after` when the manifest gives an image_sequence (Gemma 3:
+        "\\n\\n<start_of_image>" + soft tokens + "<end_of_image>\\n\\n"), else the token repeated."""
+        seq = self.model_cfg.get("image_sequence")
+        if not seq:
+            return super().image_text(img)
+        return seq["before"] + seq["token"] * self.image_token_count(img) + seq["after"]
+
     def add_special_tokens(self, text: str, special_tokens: dict[str, str]) -> bool:
         """Whether tokenizing the rendered prompt adds the tokenizer's special tokens (BOS): as transformers'
         processor.apply_chat_template decides, unless the prompt already starts with the BOS token; "never" for

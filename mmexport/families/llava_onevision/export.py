@@ -71,6 +71,11 @@ class OnevisionAdapter(TowerAdapter):
 
     def specs(self, model, recipe: Recipe, model_dir: Path):
         self._model_dir = model_dir  # _images_dim reads the pinpoints (components calls specs first)
+        pins = [list(p) for p in model.config.image_grid_pinpoints]
+        if pins != self.image_params(model_dir).grid_pinpoints:
+            # the processor counts tokens with its pinpoints, the model lays features out with its own
+            raise UserError(f"{model_dir}: config.json's image_grid_pinpoints differ from preprocessor_config.json's; "
+                            "transformers would place the image features wrongly")
         return super().specs(model, recipe, model_dir)
 
     def runtime_config(self, model, model_dir: Path, recipe: Recipe) -> dict[str, Any]:

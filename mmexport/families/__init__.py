@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "mllama": "mmexport.families.mllama",
     "llava": "mmexport.families.llava",
     "janus": "mmexport.families.janus",
+    "paligemma": "mmexport.families.paligemma",
 }
 
 

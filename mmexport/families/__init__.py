@@ -26,6 +26,7 @@ FAMILIES: dict[str, str] = {
     "llava": "mmexport.families.llava",
     "janus": "mmexport.families.janus",
     "paligemma": "mmexport.families.paligemma",
+    "gemma3": "mmexport.families.gemma3",
 }
 
 

@@ -12,7 +12,9 @@ transformers builds no mask for an implementation it does not know, so `attend` 
 - causal among the new tokens;
 - a sliding window, when the layer passes `sliding_window` (HF's rule: key index > query index - window;
   a token's index is its place in the sequence, i.e. its cache slot);
-- bidirectional blocks: tokens of the same image (`image_block_ids [B, S]`, > 0) see each other;
+- bidirectional blocks: tokens of the same image (`image_block_ids [B, S]`, > 0) see each other (beyond a
+  sliding window by default, as Gemma 2 / PaliGemma; within it when the decoder's `window_limits_blocks` is set,
+  as Gemma 3);
 - soft-capping of the scores, when the layer passes `softcap` (Gemma 2);
 
 then softmax in fp32 over [cache | new] without concatenating the cache (grouped-query heads stacked
@@ -39,10 +41,13 @@ class CacheContext:
     masks derived from `cache_mask` (built once per window size and shared by the layers)."""
 
     def __init__(self, cache_mask: torch.Tensor, caches: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                 block_ids: torch.Tensor | None = None):
+                 block_ids: torch.Tensor | None = None, window_limits_blocks: bool = False):
         self.cache_mask = cache_mask
         self.caches = caches
         self.block_ids = block_ids
+        # how a sliding window and a bidirectional block combine: (causal AND window) OR block (Gemma 2 /
+        # PaliGemma, default), or (causal OR block) AND window (Gemma 3's sliding layers in transformers 5)
+        self.window_limits_blocks = window_limits_blocks
         self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._biases: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -59,9 +64,11 @@ class CacheContext:
         zero = torch.zeros((), dtype=torch.float32)
         neg = torch.full((), NEG)
         i = torch.arange(seq, device=mask.device)
-        new_ok = i.view(1, seq) <= i.view(seq, 1)  # [S(query), S(key)] causal
+        causal = i.view(1, seq) <= i.view(seq, 1)  # [S(query), S(key)]
+        new_ok = causal
         if window is not None:
-            new_ok = new_ok & (i.view(seq, 1) - i.view(1, seq) < window)
+            in_window = i.view(seq, 1) - i.view(1, seq) < window
+            new_ok = new_ok & in_window
             # query n sits at sequence index past + n; cache slot j holds index j
             past = self.cache_mask.sum(-1, keepdim=True)  # [B, 1]
             q_idx = past.view(bsz, 1, 1) + i.view(1, seq, 1)  # [B, S, 1]
@@ -74,16 +81,19 @@ class CacheContext:
         if self.block_ids is not None:
             b = self.block_ids
             same = (b.view(bsz, seq, 1) == b.view(bsz, 1, seq)) & (b.view(bsz, seq, 1) > 0)
-            new_ok = new_ok | same  # [B, S, S]
+            if window is not None and self.window_limits_blocks:
+                new_ok = (causal.view(1, seq, seq) | same) & in_window.view(1, seq, seq)
+            else:
+                new_ok = new_ok | same  # [B, S, S]
         new_bias = torch.where(new_ok, zero, neg).unsqueeze(1)
         return cache_bias, new_bias
 
 
 @contextmanager
 def static_cache(cache_mask: torch.Tensor, caches: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                 block_ids: torch.Tensor | None = None) -> Iterator[CacheContext]:
+                 block_ids: torch.Tensor | None = None, window_limits_blocks: bool = False) -> Iterator[CacheContext]:
     """Make `caches` (layer index -> (keys, values) buffers) what `attend` reads during the block."""
-    ctx = CacheContext(cache_mask, caches, block_ids)
+    ctx = CacheContext(cache_mask, caches, block_ids, window_limits_blocks)
     _ACTIVE.append(ctx)
     try:
         yield ctx

@@ -70,6 +70,10 @@ def embed_spec(hidden: int, cache: StaticKVCache, dtype: str = "float32") -> Com
 class StaticCacheDecoder(nn.Module):
     """A Hugging Face text stack over mmexport's static KV cache; see the module docstring."""
 
+    # sliding windows also limit bidirectional image blocks ((causal OR block) AND window: Gemma 3), instead of
+    # blocks reaching past the window ((causal AND window) OR block: Gemma 2 / PaliGemma)
+    window_limits_blocks = False
+
     def __init__(self, spec: ComponentSpec, text_model, lm_head, final_logit_softcapping: float | None = None):
         super().__init__()
         self.text_model = text_model
@@ -81,7 +85,8 @@ class StaticCacheDecoder(nn.Module):
     def forward(self, *inputs):
         x = dict(zip(self.input_names, inputs))
         caches = {i: (x[f"cache_key_{i}"], x[f"cache_value_{i}"]) for i in self.layers}
-        with use_static_cache_attention(self.text_model.config), static_cache(x["cache_mask"], caches, x.get("image_block_ids")) as ctx:
+        with use_static_cache_attention(self.text_model.config), \
+                static_cache(x["cache_mask"], caches, x.get("image_block_ids"), self.window_limits_blocks) as ctx:
             h = self.run_stack(x)
         logits = self.lm_head(h[:, -1:, :])
         if self.softcap:

@@ -32,6 +32,7 @@ multi_modal_projector, language_model}`):
   attention_blocks(model)         "none" | "image" (one block per run of image tokens: Gemma 3) | "prompt" (the whole
                                   prompt is one bidirectional block: PaliGemma's prefix-LM)
   position_offset(model)          added to 0-based positions (PaliGemma: 1)
+  window_limits_blocks(model)     sliding windows also cut bidirectional blocks (Gemma 3) or not (PaliGemma)
   special_tokens_rule             "unless_bos" (tokenize with the tokenizer's special tokens unless the rendered
                                   prompt starts with BOS, as processor.apply_chat_template) | "never"
   default_chat_template(model_dir) a prompt format for checkpoints without a chat template (PaliGemma)
@@ -185,6 +186,7 @@ class TowerAdapter(TowerReference, FamilyAdapter):
     chat_template: str | None = None
     bos_token: str | None = None  # the synthetic tokenizer adds it (its post-processor) when given
     eos_token = ""
+    extra_eos_tokens: Sequence[str] = ()  # generation stops on these too (Gemma 3: <end_of_turn>)
     pad_token = ""
     special_tokens_rule = "unless_bos"
 
@@ -209,6 +211,10 @@ class TowerAdapter(TowerReference, FamilyAdapter):
 
     def position_offset(self, model) -> int:
         return 0
+
+    def window_limits_blocks(self, model) -> bool:
+        """Whether sliding windows also limit the bidirectional blocks (Gemma 3) or blocks reach past them."""
+        return False
 
     def default_chat_template(self, model_dir: Path) -> str | None:
         return None
@@ -266,7 +272,7 @@ class TowerAdapter(TowerReference, FamilyAdapter):
             for _name, p in model.named_parameters():
                 if p.dim() >= 2:
                     p.copy_(torch.randn(p.shape, generator=gen) * init_std)
-        eos = [ids[self.eos_token]]
+        eos = [ids[t] for t in (self.eos_token, *self.extra_eos_tokens)]
         generation = GenerationConfig(bos_token_id=ids.get(self.bos_token or ""), pad_token_id=ids[self.pad_token],
                                       eos_token_id=eos, do_sample=False)
         model.generation_config = generation
@@ -340,13 +346,14 @@ class TowerAdapter(TowerReference, FamilyAdapter):
         lm = model.model.language_model
         vocab = model.config.text_config.vocab_size
         softcap = getattr(model.config.text_config, "final_logit_softcapping", None)
+        decoder = StaticCacheDecoder(specs["decoder"], lm, model.lm_head, softcap).eval()
+        decoder.window_limits_blocks = self.window_limits_blocks(model)
         return [
             ExportComponent(specs["vision_encoder"], tower, {"pixel_values": torch.randn(2, s["channels"], s["size"], s["size"], generator=g)}),
             ExportComponent(specs["projector"], ModuleCall(self.projector(model)).eval(), {"vision_hidden": torch.randn(2, s["P"], s["D"], generator=g)}),
             ExportComponent(specs["embed_tokens"], EmbedTokens(lm.embed_tokens).eval(),
                             {"input_ids": torch.randint(0, vocab, (min(2, specs["embed_tokens"].dims["batch"].max), 7), generator=g)}),
-            ExportComponent(specs["decoder"], StaticCacheDecoder(specs["decoder"], lm, model.lm_head, softcap).eval(),
-                            decoder_example(specs["decoder"])),
+            ExportComponent(specs["decoder"], decoder, decoder_example(specs["decoder"])),
         ]
 
     def runtime_config(self, model, model_dir: Path, recipe: Recipe) -> dict[str, Any]:
@@ -365,4 +372,12 @@ class TowerAdapter(TowerReference, FamilyAdapter):
         template = self.default_chat_template(model_dir)
         if template:
             out["chat_template"] = template
+        seq = self.image_sequence(model)
+        if seq:
+            out["image_sequence"] = seq
         return out
+
+    def image_sequence(self, model) -> dict[str, str] | None:
+        """(hook) What a placeholder becomes: {"before", "token", "after"} around the image tokens, or None for the
+        placeholder token repeated (LLaVA, PaliGemma)."""
+        return None

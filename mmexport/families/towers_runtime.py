@@ -216,6 +216,20 @@ class TowerRuntime(EmbeddingMerge):
         return outputs
 
     # -- prompt --------------------------------------------------------------------------------
+    def expand_prompt(self, text: str, images: Sequence[TowerImage]) -> str:
+        """Each placeholder -> `before` + image token x count + `after` when the manifest gives an image_sequence
+        (Gemma 3: "\\n\\n<start_of_image>" + soft tokens + "<end_of_image>\\n\\n"), else the token repeated."""
+        seq = self.model_cfg.get("image_sequence")
+        if not seq:
+            return super().expand_prompt(text, images)
+        parts = text.split(self.image_token)
+        if len(parts) - 1 != len(images):
+            raise UserError(f"the prompt holds {len(parts) - 1} image placeholders for {len(images)} images")
+        out = [parts[0]]
+        for im, rest in zip(images, parts[1:]):
+            out += [seq["before"], seq["token"] * self.image_token_count(im), seq["after"], rest]
+        return "".join(out)
+
     def add_special_tokens(self, text: str, special_tokens: dict[str, str]) -> bool:
         """Whether tokenizing the rendered prompt adds the tokenizer's special tokens (BOS): as transformers'
         processor.apply_chat_template decides, unless the prompt already starts with the BOS token; "never" for

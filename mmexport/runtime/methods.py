@@ -42,13 +42,16 @@ class FamilyRuntime:
         """How many placeholder tokens one image takes in the prompt."""
         return 1
 
-    def image_text(self, img) -> str:
-        """What one image's placeholder becomes in the prompt text (transformers' `replace_image_token`; default:
-        the placeholder repeated `image_token_count` times)."""
-        return self.image_token * self.image_token_count(img)
+    def expand_prompt(self, text: str, images: Sequence[Any]) -> str:
+        """The rendered prompt with each image placeholder expanded (default: `image_token` repeated
+        `image_token_count` times, as most processors do)."""
+        from .prompt import PromptBuilder
+
+        return PromptBuilder.expand_placeholders(text, self.image_token, [self.image_token_count(e) for e in images])
 
     def prompt_text(self, text: str) -> str:
-        """The rendered prompt before placeholder expansion (a processor that prepends a system prompt does it here)."""
+        """The rendered prompt before placeholder expansion (a processor that prepends a system prompt, as Janus's
+        does, prepends it here)."""
         return text
 
     def prompt_positions(self, input_ids: Sequence[int], images: Sequence[Any]) -> tuple[np.ndarray, int]:

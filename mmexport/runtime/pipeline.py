@@ -180,7 +180,7 @@ class Pipeline:
     def _prepare_text(self, text: str, encoded: list[Any]) -> Prepared:
         text = self.family.prompt_text(text)
         if encoded or self.family.image_token in text:
-            text = PromptBuilder.expand_placeholders(text, self.family.image_token, [self.family.image_text(e) for e in encoded])
+            text = self.family.expand_prompt(text, encoded)
         specials = self.family.add_special_tokens(text, self.prompts.special_tokens)
         ids = np.asarray(self.prompts.encode(text, add_special_tokens=specials), dtype=np.int64)
         if len(ids) == 0:

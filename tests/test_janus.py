@@ -178,3 +178,16 @@ def test_second_checkpoint_run_equals_generate(builds, adapter, second_checkpoin
 
 def test_tensorrt_rtx_builds_every_component_and_lint_is_clean(builds, tmp_path):
     check_engines_and_lint(builds["tiny"], tmp_path)
+
+
+def test_bench_times_transformers_generate_in_text_mode(builds):
+    """`bench --vs-pytorch`: Janus's generate (text mode) drops a logits_processor, so the eager side times its steps
+    with a forward hook; the eager vision/projector stages are timed and its tokens agree with ours."""
+    import json
+
+    from conftest import run_cli
+
+    r = json.loads(run_cli("bench", builds["tiny"], "--new-tokens", "3", "--repeat", "1", "--vs-pytorch", "--sequential", "--json").stdout)
+    assert r["agreement"]["identical"] and r["eager"]["tokens_generated"] == 3
+    t = {k: v["median"] for k, v in r["eager"]["timings_ms"].items()}
+    assert t["vision"] > 0 and t["projector"] > 0 and t["decode"] > 0

@@ -24,9 +24,9 @@ def require_torch() -> None:
 def eager_request(model, adapter, model_dir, messages, images, new_tokens: int) -> dict[str, Any]:
     """One request through transformers' eager model: its processor (`reference_inputs`), then its own greedy
     `generate` for exactly `new_tokens` tokens (EOS does not stop it). Forward hooks time the family's vision
-    and projector modules; a logits processor notes when each step's logits are ready."""
+    and projector modules; a forward hook on the model notes when each step's logits are ready."""
     import torch
-    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+    from transformers import GenerationConfig
 
     stage_modules = adapter.eager_stage_modules(model)
     spent = {k: 0.0 for k in stage_modules}
@@ -36,11 +36,9 @@ def eager_request(model, adapter, model_dir, messages, images, new_tokens: int) 
         hooks.append(module.register_forward_pre_hook(lambda _m, _i, n=name: started.__setitem__(n, time.perf_counter())))
         hooks.append(module.register_forward_hook(lambda _m, _i, _o, n=name: spent.__setitem__(n, spent[n] + time.perf_counter() - started[n])))
     steps: list[float] = []
-
-    class Clock(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            steps.append(time.perf_counter())
-            return scores
+    # each step's logits are ready when the model's forward returns (a forward hook, not a logits processor: some
+    # models' generate does not pass a logits_processor on, e.g. Janus in its text mode)
+    hooks.append(model.register_forward_hook(lambda _m, _i, _o: steps.append(time.perf_counter())))
 
     config = GenerationConfig.from_dict({**model.generation_config.to_dict(), "do_sample": False, "max_new_tokens": new_tokens,
                                          "min_new_tokens": 0, "eos_token_id": None})
@@ -49,7 +47,7 @@ def eager_request(model, adapter, model_dir, messages, images, new_tokens: int) 
         inputs = adapter.reference_inputs(model, model_dir, messages, images)
         t1 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([Clock()]))
+            out = model.generate(**inputs, generation_config=config)
         t_end = time.perf_counter()
     finally:
         for h in hooks:

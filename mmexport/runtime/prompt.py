@@ -94,15 +94,14 @@ class PromptBuilder:
             raise UserError(f"the chat template failed: {e}") from None
 
     @staticmethod
-    def expand_placeholders(text: str, placeholder: str, counts: Sequence[int | str]) -> str:
-        """Replace the i-th `placeholder` with counts[i] copies, or with the text counts[i] (what transformers'
-        processor does)."""
+    def expand_placeholders(text: str, placeholder: str, counts: Sequence[int]) -> str:
+        """Replace the i-th `placeholder` with counts[i] copies (what transformers' processor does)."""
         parts = text.split(placeholder)
         if len(parts) - 1 != len(counts):
             raise UserError(f"the prompt holds {len(parts) - 1} image placeholders for {len(counts)} images")
         out = [parts[0]]
         for n, rest in zip(counts, parts[1:]):
-            out.append(n if isinstance(n, str) else placeholder * n)
+            out.append(placeholder * n)
             out.append(rest)
         return "".join(out)
 

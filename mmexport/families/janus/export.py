@@ -119,7 +119,8 @@ class JanusAdapter(TowerAdapter):
     # -- runtime configuration ---------------------------------------------------------------------
     def runtime_config(self, model, model_dir: Path, recipe: Recipe) -> dict[str, Any]:
         """The shared tower table plus what JanusProcessor does to a prompt: its placeholder count (checked against
-        the tower), the image start/end tokens, and the system prompt it prepends (DEFAULT_SYSTEM_PROMPT when
+        the tower), the image start/end tokens around the placeholders (the towers' image_sequence, with the
+        tokenizer's own names), and the system prompt it prepends (DEFAULT_SYSTEM_PROMPT when
         processor_config.json says use_default_system_prompt)."""
         from transformers import AutoTokenizer
         from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
@@ -136,7 +137,7 @@ class JanusAdapter(TowerAdapter):
         if tok.convert_tokens_to_ids(named["image_token"]) != out["tokens"]["image_token_id"]:
             raise UserError(f"{model_dir}: the tokenizer's {named['image_token']} is not config.json's image_token_id")
         out["image_token"] = named["image_token"]
-        out["tokens"].update(boi_token=named["boi_token"], eoi_token=named["eoi_token"])
+        out["image_sequence"] = {"before": named["boi_token"], "token": named["image_token"], "after": named["eoi_token"]}
         out["system_prompt"] = DEFAULT_SYSTEM_PROMPT if pc.get("use_default_system_prompt", False) else ""
         return out
 

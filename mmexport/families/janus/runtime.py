@@ -5,7 +5,7 @@ JanusProcessor (generation_mode "text", the understanding path) does three thing
   - with `use_default_system_prompt` (true in the released checkpoints' processor_config.json) it prepends its
     DEFAULT_SYSTEM_PROMPT, outside the chat template;
   - it replaces each `<image_placeholder>` with `<begin_of_image>` + `<image_placeholder>` x num_image_tokens +
-    `<end_of_image>` (`replace_image_token`);
+    `<end_of_image>` (`replace_image_token`; the towers' `image_sequence` in the manifest);
   - its tokenizer adds the special tokens (the DeepSeek tokenizer's BOS), as a tokenizer call does by default.
 """
 from __future__ import annotations
@@ -22,17 +22,12 @@ class JanusRuntime(TowerRuntime):
     params_class = JanusImageParams
 
     def __init__(self, model_cfg: dict[str, Any]):
-        super().__init__(model_cfg)
-        self.boi_token = str(model_cfg["tokens"]["boi_token"])
-        self.eoi_token = str(model_cfg["tokens"]["eoi_token"])
+        super().__init__(model_cfg)  # image_sequence: <begin_of_image> + <image_placeholder> x N + <end_of_image>
         self.system_prompt = str(model_cfg.get("system_prompt") or "")
 
     def pictures(self, image) -> np.ndarray:
         """[1, 3, size, size]: JanusImageProcessorPil (longest edge resized, centred on the mean colour)."""
         return preprocess_image(image, self.image_params)[None]
-
-    def image_text(self, img) -> str:
-        return self.boi_token + self.image_token * self.image_token_count(img) + self.eoi_token
 
     def prompt_text(self, text: str) -> str:
         return self.system_prompt + text

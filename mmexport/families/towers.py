@@ -36,6 +36,9 @@ multi_modal_projector, language_model}`):
   special_tokens_rule             "unless_bos" (tokenize with the tokenizer's special tokens unless the rendered
                                   prompt starts with BOS, as processor.apply_chat_template) | "never"
   default_chat_template(model_dir) a prompt format for checkpoints without a chat template (PaliGemma)
+  image_sequence(model)           what a placeholder expands to: {"before", "token", "after"} (Gemma 3's
+                                  "\\n\\n<start_of_image>" + soft tokens + "<end_of_image>\\n\\n"), None = the token repeated
+  extra_eos_tokens                more stop tokens of a synthetic checkpoint's generation config
   reference_text / processor      the transformers processor path the reference goes through (reference side)
   synthetic_config(syn, ids, vocab) the transformers config of a seeded tiny checkpoint (`synthetic_parts`)
 """

@@ -23,6 +23,8 @@ FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "mmexport.families.qwen2_5_vl",
     "qwen3_vl": "mmexport.families.qwen3_vl",
     "mllama": "mmexport.families.mllama",
+    "idefics3": "mmexport.families.idefics3",
+    "smolvlm": "mmexport.families.smolvlm",
 }
 
 

@@ -42,6 +42,11 @@ class FamilyRuntime:
         """How many placeholder tokens one image takes in the prompt."""
         return 1
 
+    def image_prompt(self, img) -> str:
+        """What replaces one image placeholder in the rendered prompt (default: `image_token_count` placeholders;
+        a family whose processor adds markup around the image tokens, e.g. tile tags, returns that text)."""
+        return self.image_token * self.image_token_count(img)
+
     def prompt_positions(self, input_ids: Sequence[int], images: Sequence[Any]) -> tuple[np.ndarray, int]:
         """Decoder position ids for the prompt and the offset that decode steps add."""
         raise NotImplementedError

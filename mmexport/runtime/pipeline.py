@@ -179,7 +179,7 @@ class Pipeline:
 
     def _prepare_text(self, text: str, encoded: list[Any]) -> Prepared:
         if encoded or self.family.image_token in text:
-            text = PromptBuilder.expand_placeholders(text, self.family.image_token, [self.family.image_token_count(e) for e in encoded])
+            text = PromptBuilder.replace_placeholders(text, self.family.image_token, [self.family.image_prompt(e) for e in encoded])
         ids = np.asarray(self.prompts.encode(text), dtype=np.int64)
         if len(ids) == 0:
             raise UserError("the prompt is empty")

@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "mllama": "mmexport.families.mllama",
     "idefics3": "mmexport.families.idefics3",
     "smolvlm": "mmexport.families.smolvlm",
+    "internvl": "mmexport.families.internvl",
 }
 
 

@@ -104,7 +104,12 @@ class Idefics3Reference:
 
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         ip = self._load(self.image_processor_class).from_pretrained(model_dir, local_files_only=True)
+        self._remember_tokens(tok)
         return self._load(self.processor_class)(image_processor=ip, tokenizer=tok, image_seq_len=image_seq_len(model.config))
+
+    def _remember_tokens(self, tok) -> None:
+        """The ids reference_outputs reads the tiles of each image by (set by `load` and `processor`)."""
+        self._token_ids = {t: tok.convert_tokens_to_ids(t) for t in ("<global-img>", "<fake_token_around_image>")}
 
     def reference_inputs(self, model, model_dir: Path, messages: list[dict[str, Any]], images: list[Any]) -> dict[str, Any]:
         proc = self.processor(model, model_dir)
@@ -187,8 +192,7 @@ class Idefics3Adapter(Idefics3Reference, FamilyAdapter):
         model = super().load(model_dir)
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self._token_ids = {t: tok.convert_tokens_to_ids(t) for t in ("<global-img>", "<fake_token_around_image>")}
+        self._remember_tokens(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
         return model
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -39,6 +39,7 @@ class SmolVLMAdapter(Idefics3Adapter):
 
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         ip = self._load(self.image_processor_class).from_pretrained(model_dir, local_files_only=True)
+        self._remember_tokens(tok)
 
         class ImagesOnly(transformers.SmolVLMProcessor):
             def check_argument_for_proper_class(self, name, arg):

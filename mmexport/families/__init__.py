@@ -31,6 +31,9 @@ FAMILIES: dict[str, str] = {
     "aria": "mmexport.families.aria",
     "mistral3": "mmexport.families.mistral3",
     "gemma3": "mmexport.families.gemma3",
+    "idefics3": "mmexport.families.idefics3",
+    "smolvlm": "mmexport.families.smolvlm",
+    "internvl": "mmexport.families.internvl",
 }
 
 

@@ -24,3 +24,14 @@ class ModuleCall(nn.Module):
 
     def forward(self, *args):
         return self.module(*args)
+
+
+def pixel_shuffle_tokens(x, scale: int):
+    """Space-to-depth over each tile's square token grid: [B, side*side, C] -> [B, (side/scale)^2, C*scale^2]
+    (Idefics3 / SmolVLM's connector and InternVL's pixel_shuffle: the same layout; runtime/imageops has the numpy
+    twin). Only reshapes and transposes with static sizes besides the batch of tiles."""
+    b, seq, c = x.shape
+    side = int(round(seq**0.5))
+    y = x.reshape(b, side, side // scale, c * scale).transpose(1, 2)
+    y = y.reshape(b, side // scale, side // scale, c * scale * scale).transpose(1, 2)
+    return y.reshape(b, seq // (scale * scale), c * scale * scale)

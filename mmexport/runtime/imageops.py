@@ -243,3 +243,62 @@ def rescale_normalize_fused(chw: np.ndarray, params: Any) -> np.ndarray:
     if params.do_rescale:
         return (chw.astype(np.float32) * np.float32(params.rescale_factor)).astype(np.float32)
     return chw.astype(np.float32)
+
+
+# -- tiling shared by the tile-based families (Idefics3 / SmolVLM, InternVL) --------------------------------------
+def grid_tiles(image: Image.Image, rows: int, cols: int, tile: int) -> np.ndarray:
+    """An RGB image of exactly rows*tile x cols*tile pixels -> [rows * cols, C, tile, tile] uint8 tiles,
+    row-major (left to right, then top to bottom), as both Idefics3's split_images and GotOcr2's
+    crop_image_to_patches crop them."""
+    chw = np.moveaxis(np.array(image), -1, 0)
+    if chw.shape[1:] != (rows * tile, cols * tile):
+        raise ValueError(f"a {rows}x{cols} grid of {tile}-pixel tiles needs {rows * tile}x{cols * tile} pixels, got {chw.shape[1:]}")
+    return split_tiles(chw, tile, tile)
+
+
+def tiles_with_global(grid_image: Image.Image, rows: int, cols: int, tile: int, global_source: Image.Image,
+                      resample: int) -> np.ndarray:
+    """The tiles of `grid_image` (rows x cols, row-major) followed by one global view: `global_source` resized
+    to a single tile (Idefics3: the grid image itself; InternVL: the original image, its "thumbnail").
+    A 1x1 grid is the tile alone (neither family adds a global view then). uint8 [n, C, tile, tile]."""
+    tiles = grid_tiles(grid_image, rows, cols, tile)
+    if rows * cols == 1:
+        return tiles
+    thumb = np.moveaxis(np.array(global_source.resize((tile, tile), resample=resample)), -1, 0)
+    return np.concatenate([tiles, thumb[None]], axis=0)
+
+
+def supported_tile_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """(cols, rows) grids with min_tiles <= cols*rows <= max_tiles, by tile count (stable: cols-major within a
+    count), as transformers' `get_all_supported_aspect_ratios` (GotOcr2 / InternVL) lists them."""
+    grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if min_tiles <= c * r <= max_tiles]
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def best_tile_grid(height: int, width: int, tile_h: int, tile_w: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
+    """(cols, rows): the grid whose aspect ratio is closest to the image's; on a tie the later (larger) grid wins
+    while the image covers more than half of its area (transformers' `get_optimal_tiled_canvas` of GotOcr2, the
+    processor InternVL uses; InternVL's original `find_closest_aspect_ratio`)."""
+    aspect, area = width / height, width * height
+    best_diff, best = float("inf"), (1, 1)
+    for cols, rows in supported_tile_grids(min_tiles, max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and area > 0.5 * tile_h * tile_w * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def pixel_shuffle_tokens(x: np.ndarray, scale: int) -> np.ndarray:
+    """Space-to-depth over a square token grid: [B, side*side, C] -> [B, (side/scale)^2, C*scale^2], each output
+    token the scale x scale neighbourhood of input tokens, in the channel order Idefics3/SmolVLM's connector and
+    InternVL's `pixel_shuffle` produce (one and the same layout). The numpy twin of
+    families.parts.pixel_shuffle_tokens, which the graphs use; tests hold both to the checkpoints' own."""
+    b, seq, c = x.shape
+    side = int(round(seq**0.5))
+    if side * side != seq or side % scale:
+        raise ValueError(f"{seq} tokens are not a square grid divisible by {scale}")
+    y = x.reshape(b, side, side // scale, c * scale).transpose(0, 2, 1, 3)
+    y = y.reshape(b, side // scale, side // scale, c * scale * scale).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(y.reshape(b, seq // scale**2, c * scale * scale))

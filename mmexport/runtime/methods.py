@@ -70,7 +70,7 @@ class FamilyRuntime:
         text = self.prompt_text(text)
         if not images and self.image_token not in text:
             return text
-        return PromptBuilder.expand_placeholders(text, self.image_token, [self.image_text(e) for e in images])
+        return PromptBuilder.replace_placeholders(text, self.image_token, [self.image_text(e) for e in images])
 
     def prompt_extras(self, input_ids: np.ndarray, images: Sequence[Any]) -> dict[str, np.ndarray]:
         """Further per-prompt arrays the decoder needs (Method B: the cross-attention mask)."""
@@ -212,3 +212,44 @@ class CrossAttention(FamilyRuntime):
         if mask is None or not state.has_image:
             return np.zeros((len(prep.input_ids), state.tiles), dtype=np.int64)
         return mask.reshape(len(prep.input_ids), -1)
+
+
+@dataclass
+class TiledImage:
+    """One image as a batch of square tiles (Idefics3 / SmolVLM, InternVL): the vision encoder's input."""
+
+    pixel_values: np.ndarray  # [tiles, C, S, S] float32, the global view / thumbnail (if any) last
+    rows: int  # the tile grid as the family's processor reports it (Idefics3: 0 x 0 for a lone tile)
+    cols: int
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+class TileBatchMerge(EmbeddingMerge):
+    """Method A over tiles: the vision encoder takes one image's tiles as a batch [tiles, C, S, S], the projector
+    gives [tiles, tokens_per_tile, hidden], written over the image tokens tile after tile; plain 1D positions.
+    A family adds its preprocessing (`preprocess` -> TiledImage) and prompt markup (`image_text`)."""
+
+    tokens_per_tile: int
+
+    def image_token_count(self, img: TiledImage) -> int:
+        return self.tokens_per_tile * img.num_tiles
+
+    def vision_feeds(self, img: TiledImage) -> dict[str, np.ndarray]:
+        return {"pixel_values": np.ascontiguousarray(img.pixel_values, dtype=np.float32)}
+
+    def vision_limits(self, spec, img: TiledImage) -> str:
+        d = spec.dims["num_tiles"]
+        return f"it becomes {img.num_tiles} tiles, but this build's vision encoder takes {d.min} to {d.max} tiles per image"
+
+    def projector_outputs_in_reference_order(self, img, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        e = outputs["image_embeds"]  # [tiles, tokens_per_tile, hidden] -> the image's tokens in prompt order
+        return {**outputs, "image_embeds": e.reshape(-1, e.shape[-1])}
+
+    def prompt_positions(self, input_ids: Sequence[int], images: Sequence[Any]) -> tuple[np.ndarray, int]:
+        return np.arange(len(input_ids), dtype=np.int64)[None, :], 0
+
+    def step_positions(self, start: int, count: int, delta: int) -> np.ndarray:
+        return np.arange(start, start + count, dtype=np.int64)[None, :] + delta

@@ -96,12 +96,17 @@ class PromptBuilder:
     @staticmethod
     def expand_placeholders(text: str, placeholder: str, counts: Sequence[int]) -> str:
         """Replace the i-th `placeholder` with counts[i] copies (what transformers' processor does)."""
+        return PromptBuilder.replace_placeholders(text, placeholder, [placeholder * n for n in counts])
+
+    @staticmethod
+    def replace_placeholders(text: str, placeholder: str, replacements: Sequence[str]) -> str:
+        """Replace the i-th `placeholder` with replacements[i]."""
         parts = text.split(placeholder)
-        if len(parts) - 1 != len(counts):
-            raise UserError(f"the prompt holds {len(parts) - 1} image placeholders for {len(counts)} images")
+        if len(parts) - 1 != len(replacements):
+            raise UserError(f"the prompt holds {len(parts) - 1} image placeholders for {len(replacements)} images")
         out = [parts[0]]
-        for n, rest in zip(counts, parts[1:]):
-            out.append(placeholder * n)
+        for r, rest in zip(replacements, parts[1:]):
+            out.append(r)
             out.append(rest)
         return "".join(out)
 

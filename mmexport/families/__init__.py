@@ -23,6 +23,7 @@ FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "mmexport.families.qwen2_5_vl",
     "qwen3_vl": "mmexport.families.qwen3_vl",
     "mllama": "mmexport.families.mllama",
+    "fuyu": "mmexport.families.fuyu",
 }
 
 

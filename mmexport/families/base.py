@@ -113,6 +113,9 @@ class FamilyAdapter:
     family: str = ""  # set by the registry
     model_types: tuple[str, ...] = ()  # accepted config.json `model_type` values (set by the registry)
     model_class: str = ""  # the transformers class `load` instantiates
+    # the chat template a build uses when the checkpoint ships none (a family whose processor lays the prompt
+    # out itself, e.g. Fuyu); None: the runtime then needs --raw-prompt
+    default_chat_template: str | None = None
 
     # -- checkpoints ---------------------------------------------------------------------------
     def synthetic_parts(self, syn: dict[str, Any]) -> Sequence[Any]:

@@ -42,6 +42,16 @@ class FamilyRuntime:
         """How many placeholder tokens one image takes in the prompt."""
         return 1
 
+    def prompt_ids(self, prompts, text: str, images: Sequence[Any]) -> tuple[str, list[int]]:
+        """The rendered prompt with its image placeholders expanded, and its token ids (`prompts`: the
+        runtime's PromptBuilder). Default: each placeholder repeated `image_token_count` times, then tokenized
+        without special tokens; a family whose processor builds the sequence otherwise overrides it."""
+        from .prompt import PromptBuilder
+
+        if images or self.image_token in text:
+            text = PromptBuilder.expand_placeholders(text, self.image_token, [self.image_token_count(e) for e in images])
+        return text, prompts.encode(text)
+
     def prompt_positions(self, input_ids: Sequence[int], images: Sequence[Any]) -> tuple[np.ndarray, int]:
         """Decoder position ids for the prompt and the offset that decode steps add."""
         raise NotImplementedError

@@ -178,9 +178,8 @@ class Pipeline:
         return encoded
 
     def _prepare_text(self, text: str, encoded: list[Any]) -> Prepared:
-        if encoded or self.family.image_token in text:
-            text = PromptBuilder.expand_placeholders(text, self.family.image_token, [self.family.image_token_count(e) for e in encoded])
-        ids = np.asarray(self.prompts.encode(text), dtype=np.int64)
+        text, ids_list = self.family.prompt_ids(self.prompts, text, encoded)
+        ids = np.asarray(ids_list, dtype=np.int64)
         if len(ids) == 0:
             raise UserError("the prompt is empty")
         if len(ids) >= self.max_context:

@@ -24,6 +24,7 @@ FAMILIES: dict[str, str] = {
     "qwen3_vl": "mmexport.families.qwen3_vl",
     "mllama": "mmexport.families.mllama",
     "fuyu": "mmexport.families.fuyu",
+    "emu3": "mmexport.families.emu3",
 }
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -132,6 +131,3 @@ def preprocess_fuyu(image: Image.Image, p: FuyuImageParams) -> FuyuEncodedImage:
     patches = crop.reshape(3, rows, ph, cols, pw).transpose(1, 3, 2, 4, 0).reshape(rows * cols, ph * pw * 3)
     return FuyuEncodedImage(np.ascontiguousarray(patches, dtype=np.float32), rows, cols)
 
-
-def describe_limits(p: FuyuImageParams) -> dict[str, Any]:
-    return {"canvas": f"{p.width}x{p.height}", "patches": p.max_patches}

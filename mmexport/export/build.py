@@ -132,7 +132,7 @@ def _build_into(dest: Destination, recipe: Recipe, model: str | None, precision:
                 }
             )
     with stage("tokenizer + manifest"):
-        tok = _copy_tokenizer(model_dir, tmp / "tokenizer")
+        tok = _copy_tokenizer(model_dir, tmp / "tokenizer", adapter.chat_template_for(model_dir))
         files += tok.pop("files")
         manifest = {
             "mmexport_version": __version__,
@@ -220,7 +220,7 @@ def _special_tokens(cfg: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _copy_tokenizer(model_dir: Path, dest: Path) -> dict[str, Any]:
+def _copy_tokenizer(model_dir: Path, dest: Path, default_template: str | None = None) -> dict[str, Any]:
     dest.mkdir(parents=True)
     if not (model_dir / "tokenizer.json").is_file():
         raise UserError(f"{model_dir}: no tokenizer.json (the runtime needs the fast tokenizer file)")
@@ -237,6 +237,8 @@ def _copy_tokenizer(model_dir: Path, dest: Path) -> dict[str, Any]:
         template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
     elif isinstance(tcfg.get("chat_template"), str):
         template = tcfg["chat_template"]
+    else:  # a checkpoint without one (Fuyu): the prompt layout its family's processor builds, if it has one
+        template = default_template
     if template:
         (dest / "chat_template.jinja").write_text(template)
         files.append("tokenizer/chat_template.jinja")

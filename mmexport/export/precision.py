@@ -1,9 +1,10 @@
 """fp16 graphs with fp32 islands.
 
 Weights and matmuls go to fp16; the numerically fragile ops stay fp32: normalization (LayerNorm, and
-RMSNorm's Pow/ReduceMean/Sqrt/Reciprocal/Div), softmax, and the rotary math (Cos/Sin and the position
-products). The graph's inputs and outputs keep their declared dtypes (fp32), so the runtime, the
-manifest and verify see the same interface at every precision; the converter inserts the casts.
+RMSNorm's Pow/ReduceMean/Sqrt/Reciprocal/Div), softmax, the rotary math (Cos/Sin and the position
+products), and the distances an ArgMin/ArgMax picks from (a VQ tokenizer's nearest codebook entry). The
+graph's inputs and outputs keep their declared dtypes (fp32), so the runtime, the manifest and verify see
+the same interface at every precision; the converter inserts the casts.
 """
 from __future__ import annotations
 
@@ -66,7 +67,23 @@ def fp32_islands(graph) -> list[str]:
             continue
         keep.add(n.name)
         stack.extend(producer[i] for i in n.input if i in producer)
+    # - The distances an ArgMin / ArgMax chooses by (a VQ image tokenizer's nearest codebook entry:
+    #   ||z||² + ||e||² - 2 z·e): fp16 cancellation and rounding would pick other entries. The ArgMin and the
+    #   arithmetic back to the tensors it is computed from stay fp32 (those tensors themselves may be fp16).
+    picks = [n for n in graph.node if n.op_type in ("ArgMin", "ArgMax")]
+    keep.update(n.name for n in picks)
+    stack = [producer[i] for n in picks for i in n.input if i in producer]
+    while stack:
+        n = stack.pop()
+        if n.name in keep or n.op_type not in _DISTANCE_OPS:
+            continue
+        keep.add(n.name)
+        stack.extend(producer[i] for i in n.input if i in producer)
     return sorted(keep)
+
+
+# the arithmetic of a distance that an ArgMin / ArgMax reads (see fp32_islands)
+_DISTANCE_OPS = {"Add", "Sub", "Mul", "MatMul", "Gemm", "ReduceSum", "Pow", "Transpose", "Neg"}
 
 
 def convert_fp16(onnx_path: Path, spec: ComponentSpec) -> None:

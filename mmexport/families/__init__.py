@@ -34,6 +34,8 @@ FAMILIES: dict[str, str] = {
     "idefics3": "mmexport.families.idefics3",
     "smolvlm": "mmexport.families.smolvlm",
     "internvl": "mmexport.families.internvl",
+    "fuyu": "mmexport.families.fuyu",
+    "emu3": "mmexport.families.emu3",
 }
 
 

@@ -113,6 +113,14 @@ class FamilyAdapter:
     family: str = ""  # set by the registry
     model_types: tuple[str, ...] = ()  # accepted config.json `model_type` values (set by the registry)
     model_class: str = ""  # the transformers class `load` instantiates
+    # the chat template a build uses when the checkpoint ships none (a family whose processor lays the prompt
+    # out itself, e.g. Fuyu); None: the runtime then needs --raw-prompt
+    default_chat_template: str | None = None
+
+    def chat_template_for(self, model_dir: Path) -> str | None:
+        """The chat template a build writes when the checkpoint ships none (default: `default_chat_template`; a
+        family whose prompt format depends on the checkpoint, e.g. PaliGemma's image token count, overrides it)."""
+        return self.default_chat_template
 
     # -- checkpoints ---------------------------------------------------------------------------
     def synthetic_parts(self, syn: dict[str, Any]) -> Sequence[Any]:

@@ -302,3 +302,63 @@ def pixel_shuffle_tokens(x: np.ndarray, scale: int) -> np.ndarray:
     y = x.reshape(b, side, side // scale, c * scale).transpose(0, 2, 1, 3)
     y = y.reshape(b, side // scale, side // scale, c * scale * scale).transpose(0, 2, 1, 3)
     return np.ascontiguousarray(y.reshape(b, seq // scale**2, c * scale * scale))
+
+
+def _aa_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Antialiased bilinear (triangle filter) weights of one axis, as Pillow's and PyTorch's resamplers compute
+    them in double: per output pixel, the first input index, and the normalized weights [out, taps]."""
+    scale = in_size / out_size
+    support = scale if scale >= 1.0 else 1.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    taps = int(np.ceil(support)) * 2 + 1
+    starts = np.zeros(out_size, dtype=np.int64)
+    weights = np.zeros((out_size, taps), dtype=np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        xmin = max(int(center - support + 0.5), 0)
+        xsize = min(int(center + support + 0.5), in_size) - xmin
+        x = (np.arange(xsize) + xmin - center + 0.5) * invscale
+        w = np.clip(1.0 - np.abs(x), 0.0, None)
+        total = w.sum()
+        starts[i] = xmin
+        weights[i, :xsize] = w / total if total != 0 else w
+    return starts, weights, np.asarray(taps)
+
+
+def _fixed_point(weights: np.ndarray, flavour: str) -> tuple[np.ndarray, int]:
+    """Weights as integers and their precision in bits: Pillow's 22 bits, or PyTorch's uint8 kernel's int16
+    weights at the largest precision where the largest weight still fits."""
+    if flavour == "pil":
+        bits = 22
+    else:
+        w_max = float(weights.max())
+        bits = 0
+        while bits < 22 and int(0.5 + w_max * (1 << (bits + 1))) < (1 << 15):
+            bits += 1
+    v = weights * (1 << bits)
+    return np.where(v < 0, v - 0.5, v + 0.5).astype(np.int64), bits
+
+
+def _resample_axis(img: np.ndarray, out_size: int, axis: int, flavour: str) -> np.ndarray:
+    in_size = img.shape[axis]
+    starts, weights, _ = _aa_weights(in_size, out_size)
+    k, bits = _fixed_point(weights, flavour)
+    src = np.moveaxis(img.astype(np.int64), axis, 0)
+    acc = np.full((out_size, *src.shape[1:]), 1 << (bits - 1), dtype=np.int64)
+    for t in range(k.shape[1]):
+        idx = np.minimum(starts + t, in_size - 1)
+        acc += k[:, t].reshape(-1, *([1] * (src.ndim - 1))) * src[idx]
+    return np.moveaxis(np.clip(acc >> bits, 0, 255).astype(np.uint8), 0, axis)
+
+
+def resize_bilinear_aa_uint8(hwc: np.ndarray, height: int, width: int, flavour: str = "torch") -> np.ndarray:
+    """Antialiased bilinear resize of a uint8 HWC image, bit for bit as torchvision's `resize` (PyTorch's uint8
+    `interpolate(..., antialias=True)` kernel: int16 fixed-point weights) or Pillow's BILINEAR (`flavour="pil"`,
+    22-bit weights): a horizontal pass, rounded to uint8, then a vertical pass; an axis whose size does not
+    change is not resampled. Transformers' torchvision image processors resize uint8 images this way."""
+    out = hwc
+    if width != hwc.shape[1]:
+        out = _resample_axis(out, width, 1, flavour)
+    if height != hwc.shape[0]:
+        out = _resample_axis(out, height, 0, flavour)
+    return out

@@ -72,6 +72,13 @@ class FamilyRuntime:
             return text
         return PromptBuilder.replace_placeholders(text, self.image_token, [self.image_text(e) for e in images])
 
+    def prompt_ids(self, prompts, text: str, images: Sequence[Any]) -> tuple[str, list[int]]:
+        """The rendered prompt with its placeholders expanded, and its token ids (`prompts`: the runtime's
+        PromptBuilder): `expand_prompt`, then tokenized with `add_special_tokens`. The pipeline calls only this; a
+        family whose processor edits the token sequence itself (Fuyu drops a word-boundary piece) overrides it."""
+        text = self.expand_prompt(text, images)
+        return text, prompts.encode(text, add_special_tokens=self.add_special_tokens(text, prompts.special_tokens))
+
     def prompt_extras(self, input_ids: np.ndarray, images: Sequence[Any]) -> dict[str, np.ndarray]:
         """Further per-prompt arrays the decoder needs (Method B: the cross-attention mask)."""
         return {}

@@ -176,9 +176,8 @@ class Pipeline:
         return encoded
 
     def _prepare_text(self, text: str, encoded: list[Any]) -> Prepared:
-        text = self.family.expand_prompt(text, encoded)
-        specials = self.family.add_special_tokens(text, self.prompts.special_tokens)
-        ids = np.asarray(self.prompts.encode(text, add_special_tokens=specials), dtype=np.int64)
+        text, ids_list = self.family.prompt_ids(self.prompts, text, encoded)
+        ids = np.asarray(ids_list, dtype=np.int64)
         if len(ids) == 0:
             raise UserError("the prompt is empty")
         if len(ids) >= self.max_context:

@@ -44,7 +44,7 @@ class PaliGemmaAdapter(TowerAdapter):
     def position_offset(self, model) -> int:
         return 1
 
-    def default_chat_template(self, model_dir: Path) -> str | None:
+    def chat_template_for(self, model_dir: Path) -> str | None:
         return PROMPT_TEMPLATE
 
     def default_limits(self, config: dict[str, Any]) -> dict[str, int]:

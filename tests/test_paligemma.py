@@ -130,7 +130,9 @@ def test_verify_tiny_passes(precision, builds):
 def test_other_checkpoint_run_equals_generate(builds, adapter, other, other_model, tmp_path):
     m = json.loads((builds["other"] / "manifest.json").read_text())
     assert m["family"] == "paligemma" and m["limits"]["max_images"] == 1
-    assert m["model"]["tokens_per_image"] == 49 and m["tokenizer"]["chat_template"] is None
+    assert m["model"]["tokens_per_image"] == 49
+    # the checkpoint ships no chat template: the build writes the processor's prompt format in its place
+    assert (builds["other"] / m["tokenizer"]["chat_template"]).read_text() == adapter.chat_template_for(other)
     paths = save_images(tmp_path / "imgs", [(131, 47)])
     check_run_equals_generate(builds["other"], other, adapter, other_model,
                               [("describe en", paths), ("Write one sentence about rivers.", [])], tmp_path)

@@ -35,7 +35,8 @@ multi_modal_projector, language_model}`):
   window_limits_blocks(model)     sliding windows also cut bidirectional blocks (Gemma 3) or not (PaliGemma)
   special_tokens_rule             "unless_bos" (tokenize with the tokenizer's special tokens unless the rendered
                                   prompt starts with BOS, as processor.apply_chat_template) | "never"
-  chat_template_for(model_dir)   a prompt format for checkpoints without a chat template (PaliGemma)
+  chat_template_for(model_dir)    (FamilyAdapter's) a prompt format the build writes for checkpoints without a
+                                  chat template (PaliGemma)
   image_sequence(model)           what a placeholder expands to: {"before", "token", "after"} (Gemma 3's
                                   "\\n\\n<start_of_image>" + soft tokens + "<end_of_image>\\n\\n"), None = the token repeated
   extra_eos_tokens                more stop tokens of a synthetic checkpoint's generation config
@@ -219,9 +220,6 @@ class TowerAdapter(TowerReference, FamilyAdapter):
         """Whether sliding windows also limit the bidirectional blocks (Gemma 3) or blocks reach past them."""
         return False
 
-    def chat_template_for(self, model_dir: Path) -> str | None:
-        return None
-
     def image_defaults(self) -> dict[str, Any]:
         """The PIL image processor class's own defaults (what a key missing from preprocessor_config.json means)."""
         module, cls = self.image_processor_class.split(":")
@@ -372,9 +370,6 @@ class TowerAdapter(TowerReference, FamilyAdapter):
             "add_special_tokens": self.special_tokens_rule,
             "text": {"hidden_size": tc.hidden_size, "num_layers": tc.num_hidden_layers, "vocab_size": tc.vocab_size},
         }
-        template = self.chat_template_for(model_dir)
-        if template:
-            out["chat_template"] = template
         seq = self.image_sequence(model)
         if seq:
             out["image_sequence"] = seq

@@ -16,8 +16,8 @@ the image placeholder tokens of the prompt (Method A, `runtime.methods.Embedding
 
 The manifest's "model" table (written by towers.TowerAdapter.runtime_config) holds: image (FixedImageParams),
 image_token, tokens {image_token_id, ...}, tokens_per_image, positions {offset}, attention {blocks: "none" |
-"image" | "prompt"}, add_special_tokens ("unless_bos" | "never"), and an optional chat_template (for checkpoints
-that ship none, e.g. PaliGemma's prompt format).
+"image" | "prompt"}, add_special_tokens ("unless_bos" | "never"), and an optional image_sequence. A checkpoint that
+ships no chat template (PaliGemma) gets its prompt format as the build's tokenizer/chat_template.jinja.
 """
 from __future__ import annotations
 
@@ -173,7 +173,6 @@ class TowerRuntime(EmbeddingMerge):
         self.position_offset = int(model_cfg.get("positions", {}).get("offset", 0))
         self.blocks = model_cfg.get("attention", {}).get("blocks", "none")
         self.special_tokens_rule = model_cfg.get("add_special_tokens", "unless_bos")
-        self.default_chat_template = model_cfg.get("chat_template")
 
     # -- images --------------------------------------------------------------------------------
     def pictures(self, image) -> np.ndarray:

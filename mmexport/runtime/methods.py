@@ -83,9 +83,6 @@ class FamilyRuntime:
         """Further per-prompt arrays the decoder needs (Method B: the cross-attention mask)."""
         return {}
 
-    # the chat template for checkpoints that ship none (a family's fixed prompt format), else None
-    default_chat_template: str | None = None
-
     def add_special_tokens(self, text: str, special_tokens: dict[str, str]) -> bool:
         """Whether tokenizing the rendered prompt adds the tokenizer's own special tokens (e.g. a BOS its
         post-processor inserts); by default no: the chat template writes them."""

@@ -139,7 +139,7 @@ class Pipeline:
             name: make_runner(backend, m.component_file(name), spec, manifest=m, **runner_kw).activate() for name, spec in self.specs.items()
         }
         tok = m.tokenizer
-        template = m.read_text(tok["chat_template"]) if tok.get("chat_template") else self.family.default_chat_template
+        template = m.read_text(tok["chat_template"]) if tok.get("chat_template") else None
         try:
             self.prompts = PromptBuilder(template, m.path(tok["file"]), tok.get("special_tokens", {}))
         except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse

@@ -2,7 +2,7 @@
 
 Run with a Python that has torch, torchvision and transformers (mmexport itself needs no torchvision):
 
-    PYTHONPATH=. /work/tv-venv/bin/python scripts/molmo2_golden.py tests/data/molmo2_golden.npz
+    PYTHONPATH=. TV_VENV/bin/python scripts/molmo2_golden.py tests/data/molmo2_golden.npz   (TV_VENV: scripts/torchvision_venv.sh)
 
 For each processor configuration and image it stores what `Molmo2ImageProcessor` returns —
 `image_token_pooling`, `image_grids`, `image_num_crops`, and the pixels as the uint8 levels they normalize

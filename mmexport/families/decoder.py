@@ -1,13 +1,14 @@
 """The one decoder export for every Hugging Face text stack (imports torch: export side only).
 
-`StaticCacheDecoder` wraps a text model (`model.model.language_model` of a VLM) and its LM head. The
-text model's own `forward` runs unchanged — embeddings in, its rotary (1D, M-RoPE, per layer type), its
-decoder layers, its final norm — with only the attention function swapped for the static-cache one
-(`attention.py`) and, in mixture-of-experts layers, the experts function for the dense one (`experts.py`),
-so a new family's decoder needs no code: its ComponentSpec (built by `decoder_spec`) says what the graph takes.
-Families with extra decoder inputs add them to the spec and use the hooks: `stack_kwargs` (more keyword arguments for the text model's forward) and `layer_hooks` (a function
-applied to a layer's output, e.g. Qwen3-VL's deepstack features added after its first layers). A family
-whose layers are not all self-attention (mllama's cross-attention layers) overrides `run_stack`.
+`StaticCacheDecoder` wraps a text model (`model.model.language_model` of a VLM) and its LM head. The text
+model's own `forward` runs unchanged — embeddings in, its rotary (1D, M-RoPE, per layer type), its decoder
+layers, its final norm — with only the attention function swapped for the static-cache one (`attention.py`)
+and, in mixture-of-experts layers, the experts function for the dense one (`experts.py`), so a new family's
+decoder needs no code: its ComponentSpec (built by `decoder_spec`) says what the graph takes. Families with
+extra decoder inputs add them to the spec and use the hooks: `stack_kwargs` (more keyword arguments for the
+text model's forward) and `layer_hooks` (a function applied to a layer's output, e.g. Qwen3-VL's deepstack
+features added after its first layers). A family whose layers are not all self-attention (mllama's cross-
+attention layers) overrides `run_stack`.
 
 Graph interface (see `decoder_spec`): inputs_embeds [B, S, hidden], position_ids ([B, S] or M-RoPE
 [3, B, S]), cache_mask [B, cache_len], extra inputs, cache_key_i / cache_value_i [B, kv, cache_len, D]

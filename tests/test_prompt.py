@@ -388,7 +388,7 @@ def test_no_template_is_a_user_error(ckpt):
 )
 def test_expand_and_encode_match_tokenizer(builder, hf_tok, name, counts):
     text = builder.render(CONVERSATIONS[name])
-    expanded = PromptBuilder.expand_placeholders(text, IMAGE_PAD, counts)
+    expanded = PromptBuilder.replace_placeholders(text, IMAGE_PAD, [IMAGE_PAD * n for n in counts])
     assert expanded.count(IMAGE_PAD) == sum(counts)
     ids = builder.encode(expanded)
     ref = hf_tok(expanded)["input_ids"]
@@ -442,7 +442,7 @@ def test_decode_generated_ids_matches(builder, hf_tok):
 )
 def test_placeholder_count_mismatch_raises(text, counts):
     with pytest.raises(UserError):
-        PromptBuilder.expand_placeholders(text, IMAGE_PAD, counts)
+        PromptBuilder.replace_placeholders(text, IMAGE_PAD, [IMAGE_PAD * n for n in counts])
 
 
 def _metaspace_builder(tmp_path) -> PromptBuilder:

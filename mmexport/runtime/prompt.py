@@ -94,11 +94,6 @@ class PromptBuilder:
             raise UserError(f"the chat template failed: {e}") from None
 
     @staticmethod
-    def expand_placeholders(text: str, placeholder: str, counts: Sequence[int]) -> str:
-        """Replace the i-th `placeholder` with counts[i] copies (what transformers' processor does)."""
-        return PromptBuilder.replace_placeholders(text, placeholder, [placeholder * n for n in counts])
-
-    @staticmethod
     def replace_placeholders(text: str, placeholder: str, replacements: Sequence[str]) -> str:
         """Replace the i-th `placeholder` with replacements[i]."""
         parts = text.split(placeholder)

@@ -238,6 +238,7 @@ def bench_cmd(
     requests: Annotated[int, typer.Option("--requests", min=1, help="With --concurrency: requests each stream sends, one after the other.")] = 2,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="With --concurrency: engine slots [default: the build's max_batch].")] = None,
     limits: Annotated[bool, typer.Option("--limits/--no-limits", help="Measure this machine's read bandwidth and GEMM peak and report decode, prefill and vision as a share of them.")] = True,
+    profile: Annotated[bool, typer.Option("--profile", help="Instead: where one decode step's time goes (host side, and ONNX Runtime's profiler per op type and per weight MatMul), over --new-tokens steps.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Time one request: TTFT split (preprocess / vision / projector / prefill), decode tok/s, peak memory,
@@ -245,6 +246,20 @@ def bench_cmd(
     With --concurrency: total tokens/s and TTFT of the serving engine under N concurrent streams."""
     from .bench import DEFAULT_PROMPT, bench, plot_bench, render_bench
 
+    if profile:
+        from .bench import default_image
+        from .bench.profile import profile_decode, render_profile
+        from .runtime.image import load_image
+
+        if concurrency is not None or vs_pytorch or plot:
+            raise UserError("--profile goes without --concurrency, --vs-pytorch and --plot")
+        prof = profile_decode(artifacts, [load_image(image) if image else default_image()], prompt or DEFAULT_PROMPT,
+                              steps=new_tokens, backend=backend, log=_log)
+        if as_json:
+            print(json.dumps(prof.to_dict(), indent=2))
+        else:
+            render_profile(prof, out)
+        return
     if concurrency is not None:
         from .serve.bench import render_serve_bench, serve_bench
 

@@ -175,7 +175,9 @@ def test_limits_of_this_machine(report, tiny_artifacts):
                                                           "num_key_value_heads", "intermediate_size", "vocab_size"))
     hd = h // heads
     assert lim["decode_bytes"]["weights"] == sum((tiny_artifacts / r).stat().st_size for r in [dec["file"], *dec["data_files"]])
-    assert lim["decode_bytes"]["kv_cache"] == layers * 2 * kv * hd * m["limits"]["max_context"] * 4  # the whole buffer
+    # ONNX Runtime is fed the filled slots: the prompt and, on average, half of the new tokens
+    slots = report.ours.prompt_tokens + NEW // 2
+    assert lim["decode_bytes"]["kv_cache"] == layers * 2 * kv * hd * slots * 4
     assert lim["decode_bytes"]["embedding_row"] == h * 4
     per_layer = h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * inter  # q, k, v, o, gate/up/down
     assert lim["flops_per_row"]["decoder"] == 2 * (layers * per_layer + h * vocab)  # + the LM head
@@ -183,3 +185,32 @@ def test_limits_of_this_machine(report, tiny_artifacts):
     assert lim["read_gbps"] > 0 and lim["gemm_peak_gflops"] > 0 and lim["threads"] >= 1
     assert lim["decode_gbps"] == pytest.approx(lim["decode_bytes"]["total"] * report.ours.tokens_per_s.median / 1e9, rel=1e-2)
     assert 0 < lim["percent_of_limit"]["decode"] and 0 < lim["percent_of_limit"]["prefill"] and 0 < lim["percent_of_limit"]["vision"]
+
+
+def test_profile_one_decode_step(tiny_artifacts):
+    """bench --profile: the host-side parts add up to the measured step, and ONNX Runtime's profiler sees every
+    weight MatMul of the decoder (their weight bytes are the graph's) inside the decoder's run."""
+    import onnx
+
+    from conftest import run_cli
+    from mmexport.bench.profile import HOST_PARTS
+
+    p = run_cli("bench", tiny_artifacts, "--profile", "--new-tokens", "6", "--json")
+    d = json.loads(p.stdout)
+    assert d["steps"] == 6 and d["prompt_tokens"] > 0
+    assert set(d["host_ms"]) == set(HOST_PARTS)
+    assert sum(d["host_ms"].values()) == pytest.approx(d["step_ms"], rel=1e-6)
+    for k in HOST_PARTS[:-1]:
+        assert d["host_ms"][k] >= 0
+    assert 0 < d["host_ms"]["decoder run"] < d["step_ms"]
+    assert d["kernels_ms"] <= d["profiled_run_ms"]
+    assert sum(o["ms"] for o in d["ops"]) == pytest.approx(d["kernels_ms"], rel=1e-6)
+    model = onnx.load(str(tiny_artifacts / "onnx" / "decoder.onnx"), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    stored = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert sum(w["nodes"] for w in d["weights"]) == len(stored)
+    assert sum(w["mb"] for w in d["weights"]) == pytest.approx(
+        sum(4 * inits[n.input[1]].dims[0] * inits[n.input[1]].dims[1] for n in stored) / 1e6, rel=1e-6)
+    text = run_cli("bench", tiny_artifacts, "--profile", "--new-tokens", "3").stdout
+    assert "inside the decoder's run" in text and "MatMul" in text
+    run_cli("bench", tiny_artifacts, "--profile", "--vs-pytorch", check=2)

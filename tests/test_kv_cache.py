@@ -1,7 +1,8 @@
 """The runtime's static KV cache, on real builds of both families (ONNX Runtime):
 
 - a request's first prefill gets zero-length views of the cache (the prompt attends only to itself), every
-  later step the whole preallocated buffer, always the same memory (never reallocated or copied);
+  later step views of the filled slots (ONNX Runtime) or the whole preallocated buffer (a backend with fixed
+  shapes), always the same memory (never reallocated or copied), with the same logits either way;
 - the zero-length prefill gives the same logits and keys/values as feeding the whole empty buffer;
 - a prompt prefilled in two chunks (the second over the filled cache) gives the same first-token logits
   as one prefill: the cache path reads what the runtime wrote;
@@ -47,12 +48,16 @@ def test_first_prefill_gets_empty_views_then_the_same_buffer(request, which, mon
         capacity = pipe.specs["decoder"].dims["cache_len"].max
         assert "cache_mask" in names and len(names) > 2
         assert all(seen[0][n].shape[-1 if n == "cache_mask" else 2] == 0 for n in names)
-        for step in seen[1:]:
-            assert all(step[n].shape[-1 if n == "cache_mask" else 2] == capacity for n in names)
-            for n in names:  # the very same buffers each step, and the empty views were views of them
-                assert step[n].base is None and step[n] is seen[1][n] and seen[0][n].base is step[n]
-        # the buffer itself (fed by reference) now holds the prompt and the three decoded steps' keys/values
-        assert int(seen[-1]["cache_mask"].sum()) == res.prompt_tokens + 3
+        buffers = {"cache_mask": seen[1]["cache_mask"].base, **{n: seen[1][n].base for n in names if n != "cache_mask"}}
+        for k, step in enumerate(seen[1:]):  # ONNX Runtime gets views of the filled slots, growing by one per step
+            filled = res.prompt_tokens + k
+            assert all(step[n].shape[-1 if n == "cache_mask" else 2] == filled for n in names)
+            for n in names:  # views of the very same buffers each step, the empty views too
+                assert buffers[n].base is None and buffers[n].shape[-1 if n == "cache_mask" else 2] == capacity
+                assert step[n].base is buffers[n] and seen[0][n].base is buffers[n]
+            assert int(step["cache_mask"].sum()) == filled
+        # the buffer itself now holds the prompt and the three decoded steps' keys/values
+        assert int(buffers["cache_mask"].sum()) == res.prompt_tokens + 3
     finally:
         pipe.close()
 
@@ -71,6 +76,29 @@ def test_empty_view_prefill_equals_whole_empty_buffer(request, which):
         whole = pipe.runners["decoder"].infer({"inputs_embeds": embeds, **feeds, "cache_mask": cache.mask, **cache.arrays})
         for name in views:
             np.testing.assert_allclose(views[name], whole[name], atol=1e-5, rtol=0, err_msg=name)
+    finally:
+        pipe.close()
+
+
+@pytest.mark.parametrize("which", ["tiny_artifacts", "mllama_artifacts"])
+def test_filled_slot_views_equal_the_whole_buffer(request, which):
+    """Decode steps fed only the filled slots (ONNX Runtime) give the logits of the whole masked buffer."""
+    from mmexport.runtime.pipeline import KVCache
+
+    pipe, prep = _pipe_and_prompt(request, which)
+    try:
+        state = pipe.encode_images(prep.images)
+        caches = [KVCache(pipe.specs["decoder"], whole=w) for w in (False, True)]
+        logits = [pipe.prefill(prep, state, c) for c in caches]
+        for _ in range(4):
+            tok = int(np.argmax(logits[0]))
+            assert tok == int(np.argmax(logits[1]))
+            logits = [pipe.decoder_step(pipe.embed(np.asarray([tok])), pipe.family.step_feeds(prep, state, c.length), c) for c in caches]
+            np.testing.assert_allclose(logits[0], logits[1], atol=1e-5, rtol=0)
+        assert caches[0].feeds()["cache_mask"].shape[1] == caches[0].length < caches[0].capacity
+        assert caches[1].feeds()["cache_mask"].shape[1] == caches[1].capacity
+        for n in caches[0].arrays:  # both wrote the same keys/values
+            np.testing.assert_allclose(caches[0].arrays[n], caches[1].arrays[n], atol=1e-5, rtol=0)
     finally:
         pipe.close()
 

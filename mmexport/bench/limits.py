@@ -11,8 +11,9 @@ same run, with the runtime's thread count:
   builds, at the build's accuracy level.
 
 What a request costs is read off the artifact: the bytes of each graph's weights (its .onnx and .onnx.data
-files), the cache buffers a decode step reads (the whole preallocated buffer: attention runs over every slot,
-masked or not), one embedding row; and the FLOPs of the weight MatMuls (2 x K x N per row of input, from the
+files), the cache a decode step reads (the filled slots, on average over the request's decode steps, where the
+backend feeds only those; else the whole preallocated buffer: attention then runs over every slot, masked or
+not), one embedding row; and the FLOPs of the weight MatMuls (2 x K x N per row of input, from the
 graphs; attention's score/value products are not counted, so FLOP/s figures are lower bounds).
 """
 from __future__ import annotations
@@ -72,11 +73,13 @@ def matmul_flops_per_row(onnx_path: Path) -> int | None:
     return total
 
 
-def decode_step_bytes(manifest) -> dict[str, int]:
-    """What one decode step (batch 1) reads: the decoder's weights, the KV cache buffers, one embedding row."""
+def decode_step_bytes(manifest, slots: int | None = None) -> dict[str, int]:
+    """What one decode step (batch 1) reads: the decoder's weights, the KV cache (`slots` filled slots, as the ONNX
+    Runtime backend feeds them; None: the whole buffer, as a backend fed the fixed capacity reads it), one
+    embedding row."""
     spec = manifest.components["decoder"]
     kv = 0
-    cap = spec.dims["cache_len"].max if "cache_len" in spec.dims else 0
+    cap = slots if slots is not None else spec.dims["cache_len"].max if "cache_len" in spec.dims else 0
     for t in spec.inputs:
         if t.name.startswith("cache_") and t.name != "cache_mask":
             n = 1
@@ -209,7 +212,7 @@ def measure_limits(manifest, rows: dict[str, int], timings_ms: dict[str, float],
     """The limits of this machine for this build, and how close the median request came (`rows`: input rows per
     request of each component: prompt tokens for the decoder, patches for the vision encoder)."""
     threads = runtime_threads()
-    step = decode_step_bytes(manifest)
+    step = decode_step_bytes(manifest, rows.get("kv_slots"))
     quant = manifest.data.get("quantization") or {}
     bits = quant.get("bits") if "decoder" in (quant.get("components") or {}) else None
     level = quant.get("accuracy_level")

@@ -5,7 +5,6 @@ import os
 import platform
 from typing import Any
 
-from ..runtime.backends import ort_spinning
 from .memory import MB
 
 
@@ -67,7 +66,7 @@ def machine_info(with_torch: bool = False) -> dict[str, Any]:
     except ImportError:
         pass
     info["mmexport_threads"] = os.environ.get("MMEXPORT_THREADS") or "default"
-    info["ort_spinning"] = ort_spinning()
+    info["ort_spinning"] = os.environ.get("MMEXPORT_ORT_SPINNING") or "decoder only"
     if with_torch:
         import torch
 

@@ -122,6 +122,8 @@ class OursSide(Side):
         pipe = self.pipe
         prep = pipe.prepare(self.prompt, self.images)
         self.rows = {"decoder": len(prep.input_ids)}
+        if not pipe.runners["decoder"].whole_cache:  # the cache slots a decode step reads, on average
+            self.rows["kv_slots"] = len(prep.input_ids) + self.new_tokens // 2
         if prep.images and hasattr(pipe.family, "vision_feeds"):
             out = pipe.runners["vision_encoder"].infer(pipe.family.vision_feeds(prep.images[0]))
             first = out[pipe.specs["vision_encoder"].output_names[0]]

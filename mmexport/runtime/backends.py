@@ -23,6 +23,10 @@ class Runner:
     pipeline passes the one it has: a runner that needs more of the artifact, such as the TensorRT runner
     finding its engine, reads it there instead of loading it again)."""
 
+    # the decoder is fed the whole preallocated KV cache (fixed shapes: TensorRT profiles, CUDA graphs), or only
+    # its filled slots (runtime.pipeline.KVCache)
+    whole_cache = True
+
     def __init__(self, path: Path, spec: ComponentSpec, manifest: Any = None):
         self.path = Path(path)
         self.spec = spec
@@ -30,6 +34,7 @@ class Runner:
         self.active = False
         self.calls = 0  # inferences run (bench and tests show which stages a decode step touches)
         self.seconds = 0.0  # wall time spent in them (each runner times its own inferences, as Polygraphy's do)
+        self.check_seconds = 0.0  # wall time spent checking feeds against the declaration, before them
 
     def activate(self) -> "Runner":
         self.active = True
@@ -41,10 +46,12 @@ class Runner:
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.active:
             raise RuntimeError(f"runner for {self.spec.name} is not active")
+        t0 = time.perf_counter()
         try:
             self.spec.check_feed(feed)
         except ValueError as e:
             raise UserError(str(e)) from None
+        self.check_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         out = self._infer(feed)
         self.seconds += time.perf_counter() - t0
@@ -84,38 +91,62 @@ def check_graph_io(spec: ComponentSpec, path: Path, inputs: list, outputs: list)
                                 f"{t.dtype} {list(t.shape)}; the graph does not belong to this manifest, rebuild")
 
 
-def ort_spinning() -> bool:
-    """Whether ONNX Runtime's thread pools may spin between runs (MMEXPORT_ORT_SPINNING=1; off by default)."""
-    return os.environ.get("MMEXPORT_ORT_SPINNING", "0") not in ("", "0")
+def ort_spinning(component: str) -> bool:
+    """Whether a component's ONNX Runtime thread pool may spin between its kernels and runs.
+
+    MMEXPORT_ORT_SPINNING=1: every component's; =0: none; unset: the decoder's alone. A decode step is
+    hundreds of short kernels back to back, and a pool whose workers sleep between them pays a wake-up
+    for each; the other components run a few large kernels once per request, and their pools' spinning
+    would only take cores from the next component's run (each session has its own pool)."""
+    v = os.environ.get("MMEXPORT_ORT_SPINNING", "")
+    return component == "decoder" if v == "" else v != "0"
+
+
+def ort_session_options(component: str, threads: int | None = None):
+    """The session options every component's ONNX Runtime session gets (threads: MMEXPORT_THREADS, else ONNX
+    Runtime's default of one per physical core)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads or int(os.environ.get("MMEXPORT_THREADS", "0") or 0)
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    # A pipeline holds one session per component, each with its own intra-op thread pool, and runs
+    # them one after another. With ORT's default (spinning everywhere), a finished session's workers
+    # keep spinning for a while and take the cores from the next session's run; with spinning off
+    # everywhere, the decoder's workers sleep and wake between a step's ~1,500 kernels. Measured on
+    # qwen2-vl-small (2-core CPU): all spinning -> none: TTFT 4.4 s -> 3.2 s; none -> the decoder's
+    # alone (ort_spinning): see README, Benchmarks.
+    spin = "1" if ort_spinning(component) else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return so
 
 
 class OrtRunner(Runner):
     """An ONNX Runtime session for one component."""
 
+    # any cache_len runs: attention over the filled slots only. Measured on qwen2-vl-small int4, 288 prompt
+    # tokens + 64 (2-core CPU): decode 48.4 -> 53.6 tok/s against the whole 1,024-slot buffer.
+    whole_cache = False
+
     def __init__(self, path: Path, spec: ComponentSpec, manifest: Any = None, providers: list[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, profile_prefix: Path | str | None = None):
         super().__init__(path, spec, manifest)
         self.providers = providers
         self.threads = threads
+        self.profile_prefix = profile_prefix  # ONNX Runtime's per-kernel profiler on (bench --profile)
         self.session = None
 
     def activate(self) -> "OrtRunner":
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = self.threads or int(os.environ.get("MMEXPORT_THREADS", "0") or 0)
-        if threads:
-            so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        # A pipeline holds one session per component, each with its own intra-op thread pool, and runs
-        # them one after another. With ORT's default, a finished session's workers keep spinning for a
-        # while and take the cores from the next session's run. Measured on qwen2-vl-small (2-core CPU):
-        # time to first token 4.4 s -> 3.2 s and decode 10.7 -> 12.5 tok/s with spinning off.
-        # MMEXPORT_ORT_SPINNING=1 turns it back on (one session alone on many cores may prefer it).
-        spin = "1" if ort_spinning() else "0"
-        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        so = ort_session_options(self.spec.name, self.threads)
+        if self.profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(self.profile_prefix)
         providers = self.providers or ["CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
@@ -126,6 +157,10 @@ class OrtRunner(Runner):
                        [(o.name, o.type, o.shape) for o in self.session.get_outputs()])
         self._outputs = [o.name for o in self.session.get_outputs()]
         return super().activate()
+
+    def end_profiling(self) -> str:
+        """Stop the profiler (runner made with `profile_prefix`); returns the path of its JSON trace."""
+        return self.session.end_profiling()
 
     def deactivate(self) -> None:
         self.session = None

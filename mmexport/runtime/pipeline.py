@@ -67,18 +67,23 @@ class KVCache:
     """A static KV cache, allocated once at the decoder's capacity and written in place (gpt-fast style).
 
     Layout per layer: keys/values `[batch, kv_heads, capacity, head_dim]` plus one `cache_mask
-    [batch, capacity]`. The decoder reads the whole buffer (masked) and returns only the new tokens'
-    keys/values; `append` copies those S positions into the buffer. The past is never copied or
-    concatenated, and the buffers keep their addresses for the whole request. While nothing is cached
-    (a request's first prefill) the decoder gets zero-length views instead, so the prompt does not
-    attend to `capacity` empty slots (the graph's `cache_len` axis is 0 or the capacity).
+    [batch, capacity]`. The decoder returns only the new tokens' keys/values; `append` copies those S
+    positions into the buffer. The past is never copied or concatenated, and the buffers keep their
+    addresses for the whole request. What the decoder is fed (the graph's `cache_len` axis):
+
+    - `whole=True` (TensorRT: its decode profile is the fixed capacity, as CUDA graphs like): the whole
+      buffer, masked, except while nothing is cached (a request's first prefill), when it gets
+      zero-length views so the prompt does not attend to `capacity` empty slots;
+    - `whole=False` (ONNX Runtime on the CPU): views of the filled slots only, so attention's work and
+      the cache bytes a decode step reads grow with the request instead of being the capacity's.
     """
 
-    def __init__(self, decoder_spec, batch: int = 1):
+    def __init__(self, decoder_spec, batch: int = 1, whole: bool = True):
         self.names = [t.name for t in decoder_spec.inputs if t.name.startswith("cache_") and t.name != "cache_mask"]
         mask = decoder_spec.input("cache_mask")
         # builds made before the cache_len axis existed declare the capacity as a fixed size: always fed whole
         self.empty_views = mask.shape[1] == "cache_len"
+        self.whole = whole or not self.empty_views
         self.capacity = int(decoder_spec.dims["cache_len"].max if self.empty_views else mask.shape[1])
         sizes = {"batch": batch, "cache_len": self.capacity}
         self.arrays: dict[str, np.ndarray] = {}
@@ -89,23 +94,27 @@ class KVCache:
                 self.arrays[t.name] = np.zeros(tuple(sizes.get(d, d) for d in t.shape), dtype=t.dtype)
         self.mask = np.zeros((batch, self.capacity), dtype=mask.dtype)
         self.length = 0
+        self.seconds = 0.0  # wall time spent writing new keys/values into the buffers (bench --profile)
 
     def feeds(self) -> dict[str, np.ndarray]:
-        if self.length == 0 and self.empty_views:  # zero-length views of the same buffers (axis 2 = cache_len)
-            return {"cache_mask": self.mask[:, :0], **{n: a[:, :, :0] for n, a in self.arrays.items()}}
+        if self.empty_views and (self.length == 0 or not self.whole):  # views of the filled slots (axis 2 = cache_len)
+            n = self.length
+            return {"cache_mask": self.mask[:, :n], **{k: a[:, :, :n] for k, a in self.arrays.items()}}
         return {"cache_mask": self.mask, **self.arrays}
 
     def row(self, i: int) -> "KVCache":
         """Row `i` as a cache of its own (batch 1, its own length): views of this cache's buffers, so what
         it writes lands in row i of the shared buffers (the batching runtime gives each request a row)."""
         r = object.__new__(KVCache)
-        r.names, r.empty_views, r.capacity, r.length = self.names, self.empty_views, self.capacity, 0
+        r.names, r.empty_views, r.capacity, r.length, r.seconds = self.names, self.empty_views, self.capacity, 0, 0.0
+        r.whole = self.whole
         r.arrays = {n: a[i : i + 1] for n, a in self.arrays.items()}
         r.mask = self.mask[i : i + 1]
         return r
 
     def append(self, outputs: dict[str, np.ndarray]) -> None:
         """Write this step's keys/values (outputs `key_i`/`value_i`) after the filled slots."""
+        t0 = time.perf_counter()
         n = 0
         for name, buf in self.arrays.items():
             new = outputs[name[len("cache_") :]]
@@ -115,6 +124,7 @@ class KVCache:
             buf[:, :, self.length : self.length + n] = new
         self.mask[:, self.length : self.length + n] = 1
         self.length += n
+        self.seconds += time.perf_counter() - t0
 
 
 class Pipeline:
@@ -206,6 +216,10 @@ class Pipeline:
         """The family's vision state for the request (Method A: image embeddings; B: cross K/V)."""
         return self.family.encode_images(self, images)
 
+    def new_cache(self) -> KVCache:
+        """An empty cache for one request, fed as the decoder's backend runs best (`Runner.whole_cache`)."""
+        return KVCache(self.specs["decoder"], whole=self.runners["decoder"].whole_cache)
+
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.runners["embed_tokens"].infer({"input_ids": ids.reshape(1, -1).astype(np.int64)})["inputs_embeds"]
 
@@ -245,24 +259,32 @@ class Pipeline:
             timings[stage] = (self.runners[comp].seconds - seconds0[comp]) * 1e3 if comp in self.runners else 0.0
         timings["vision"] = (t2 - t1) * 1e3 - sum(v for k, v in timings.items() if k in self.family.image_stages and k != "vision")
 
-        cache = KVCache(self.specs["decoder"])
+        cache = self.new_cache()
         logits = self.prefill(prep, state, cache)
         t3 = time.perf_counter()
         timings["prefill"] = (t3 - t2) * 1e3
         timings["ttft"] = (t3 - t0) * 1e3
 
+        at_decode = {name: (r.seconds, r.check_seconds) for name, r in self.runners.items()}
         budget = min(max_new_tokens, self.max_context - len(prep.input_ids))
         sampler = Sampler(sampling)
         stream = TextStream(self.prompts, stop, on_text)
         generated: list[int] = []
         reason = "length"
+        prefill_cache_s = cache.seconds
+        sample_s = detok_s = 0.0  # host-side pieces of the decode loop (bench --profile)
         while len(generated) < budget:
+            ta = time.perf_counter()
             tok = sampler(logits)
+            tb = time.perf_counter()
+            sample_s += tb - ta
             if tok in self.eos_ids and not ignore_eos:
                 reason = "eos"
                 break
             generated.append(tok)
-            if stream.push(generated):
+            stopped = stream.push(generated)
+            detok_s += time.perf_counter() - tb
+            if stopped:
                 reason = "stop"
                 break
             if len(generated) == budget:
@@ -271,6 +293,12 @@ class Pipeline:
         stream.finish(generated)
         t4 = time.perf_counter()
         timings["decode"] = (t4 - t3) * 1e3
+        timings["decode_sample"], timings["decode_detokenize"] = sample_s * 1e3, detok_s * 1e3
+        timings["decode_cache_write"] = (cache.seconds - prefill_cache_s) * 1e3
+        for name, r in self.runners.items():  # each component's inference and feed-check time in the decode loop
+            if r.seconds > at_decode[name][0]:
+                timings[f"decode_run.{name}"] = (r.seconds - at_decode[name][0]) * 1e3
+                timings[f"decode_check.{name}"] = (r.check_seconds - at_decode[name][1]) * 1e3
         timings["total"] = (t4 - t0) * 1e3
         calls = {name: r.calls - calls0[name] for name, r in self.runners.items()}
         return GenerationResult(stream.text, generated, int(len(prep.input_ids)), reason, timings, calls)

@@ -1,0 +1,163 @@
+"""`mmexport bench DIR --profile`: where one decode step's time goes.
+
+Two views of the same request (the bench image and prompt, greedy, EOS ignored), after a warm-up:
+
+- the host side, from the runtime's own clocks (`Pipeline.generate` timings): per step, the decoder's and
+  the embedding's `session.run`, the feed checks against the declarations, the KV cache writes, sampling,
+  incremental detokenization, and the rest of the Python loop;
+- inside the decoder's run, ONNX Runtime's profiler (a second decoder session with profiling on, swapped
+  into the same pipeline): kernel time per op type, and per weight-reading MatMul shape its time and the
+  GB/s its weight bytes imply. The profiler adds a fixed cost per kernel, so its run time is longer than
+  the unprofiled step; the table shows both.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+HOST_PARTS = ("decoder run", "embedding run", "feed checks", "cache write", "sample", "detokenize", "other host")
+
+
+@dataclass
+class DecodeProfile:
+    artifacts: str
+    steps: int
+    prompt_tokens: int
+    threads: int
+    step_ms: float  # unprofiled: decode time per generated token
+    host_ms: dict[str, float]  # per step, HOST_PARTS
+    profiled_run_ms: float  # the decoder's run under the profiler, per step
+    kernels_ms: float  # sum of kernel times per step (profiled)
+    nodes_per_step: int
+    ops: list[dict[str, Any]] = field(default_factory=list)  # op type: ms per step, kernels per step
+    weights: list[dict[str, Any]] = field(default_factory=list)  # MatMul shape: ms per step, bytes, GB/s
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _weight_nodes(onnx_path: Path) -> dict[str, tuple[str, int, int, int]]:
+    """Node name -> (op, K, N, weight bytes per call) for the MatMul / Gemm / MatMulNBits nodes that read a
+    stored weight (quantized weights count their scales and zero points)."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    sizes = {}
+    for t in model.graph.initializer:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        sizes[t.name] = (list(t.dims), int(np.prod(t.dims or [1])) * itemsize)
+    out = {}
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in sizes and len(sizes[n.input[1]][0]) == 2:
+            (k, m), b = sizes[n.input[1]]
+            out[n.name] = (n.op_type, k, m, b)
+        elif n.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            b = sum(sizes[i][1] for i in n.input[1:] if i in sizes)
+            out[n.name] = (f"MatMulNBits {attrs.get('bits', 4)}-bit", int(attrs["K"]), int(attrs["N"]), b)
+    return out
+
+
+def profile_decode(artifact_dir: Path | str, images: list, prompt: str, steps: int = 32, backend: str = "ort",
+                   log: Callable[[str], None] = print) -> DecodeProfile:
+    from ..errors import UserError
+    from ..runtime.backends import OrtRunner
+    from ..runtime.pipeline import Pipeline
+    from .limits import runtime_threads
+
+    if backend != "ort":
+        raise UserError("--profile reads ONNX Runtime's profiler: it needs --backend ort")
+    pipe = Pipeline(artifact_dir, backend=backend)
+    try:
+        n = steps + 1  # the first token comes from the prefill
+        log(f"profiling {steps} decode steps of {artifact_dir}: warm-up, one timed request, one profiled request")
+        pipe.generate(prompt, images, max_new_tokens=n, ignore_eos=True)
+        res = pipe.generate(prompt, images, max_new_tokens=n, ignore_eos=True)
+        done = max(len(res.token_ids) - 1, 1)
+        t = res.timings_ms
+        host = {
+            "decoder run": t.get("decode_run.decoder", 0.0),
+            "embedding run": t.get("decode_run.embed_tokens", 0.0),
+            "feed checks": sum(v for k, v in t.items() if k.startswith("decode_check.")),
+            "cache write": t["decode_cache_write"],
+            "sample": t["decode_sample"],
+            "detokenize": t["decode_detokenize"],
+        }
+        host["other host"] = t["decode"] - sum(host.values())
+        host = {k: v / done for k, v in host.items()}
+
+        spec = pipe.specs["decoder"]
+        path = pipe.manifest.component_file("decoder")
+        with tempfile.TemporaryDirectory(prefix="mmexport-profile-") as tmp:
+            old = pipe.runners["decoder"]
+            old.deactivate()
+            prof = OrtRunner(path, spec, manifest=pipe.manifest, profile_prefix=os.path.join(tmp, "decoder")).activate()
+            pipe.runners["decoder"] = prof
+            pipe.generate(prompt, images, max_new_tokens=n, ignore_eos=True)
+            trace = json.loads(Path(prof.end_profiling()).read_text())
+            prof.deactivate()
+    finally:
+        pipe.close()
+
+    runs = [e for e in trace if e.get("name") == "model_run"]
+    runs = runs[1:]  # the first run is the prefill
+    spans = [(r["ts"], r["ts"] + r["dur"]) for r in runs]
+    kernels = [e for e in trace if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+               and any(a <= e["ts"] <= b for a, b in spans)]
+    k = max(len(runs), 1)
+    by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        op = e.get("args", {}).get("op_name", "?")
+        by_op[op][0] += e["dur"] / 1e3
+        by_op[op][1] += 1
+    kernel_ms = sum(v[0] for v in by_op.values()) / k
+    ops = [{"op": op, "ms": ms / k, "kernels": cnt // k, "share": ms / k / kernel_ms if kernel_ms else 0.0}
+           for op, (ms, cnt) in sorted(by_op.items(), key=lambda kv: -kv[1][0])]
+    shapes = _weight_nodes(path)
+    by_shape: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0, 0])
+    for e in kernels:
+        w = shapes.get(e["name"][: -len("_kernel_time")])
+        if w:
+            acc = by_shape[w[:3]]
+            acc[0] += e["dur"] / 1e3
+            acc[1] += 1
+            acc[2] += w[3]
+    weights = [{"op": op, "K": kk, "N": nn, "ms": ms / k, "nodes": cnt // k, "mb": b / k / 1e6,
+                "gbps": (b / 1e9) / (ms / 1e3) if ms else 0.0}
+               for (op, kk, nn), (ms, cnt, b) in sorted(by_shape.items(), key=lambda kv: -kv[1][0])]
+    return DecodeProfile(
+        artifacts=str(artifact_dir), steps=done, prompt_tokens=res.prompt_tokens, threads=runtime_threads(),
+        step_ms=t["decode"] / done, host_ms=host, profiled_run_ms=sum(r["dur"] for r in runs) / k / 1e3,
+        kernels_ms=kernel_ms, nodes_per_step=len(kernels) // k, ops=ops, weights=weights,
+    )
+
+
+def render_profile(p: DecodeProfile, console) -> None:
+    from rich.table import Table
+
+    t = Table("host side, per decode step", "ms", "share", title=f"decode step of {p.artifacts}: {p.step_ms:.2f} ms "
+              f"({1e3 / p.step_ms:.1f} tok/s), mean of {p.steps} steps after {p.prompt_tokens} prompt tokens, {p.threads} thread(s)")
+    for k in HOST_PARTS:
+        t.add_row(k, f"{p.host_ms[k]:.3f}", f"{100 * p.host_ms[k] / p.step_ms:.1f} %")
+    console.print(t)
+    t = Table("op type", "ms per step", "kernels", "share of kernel time",
+              title=f"inside the decoder's run (ONNX Runtime profiler): run {p.profiled_run_ms:.2f} ms profiled "
+                    f"(unprofiled {p.host_ms['decoder run']:.2f} ms), kernels {p.kernels_ms:.2f} ms, {p.nodes_per_step} kernels")
+    for o in p.ops[:15]:
+        t.add_row(o["op"], f"{o['ms']:.3f}", str(o["kernels"]), f"{100 * o['share']:.1f} %")
+    if len(p.ops) > 15:
+        rest = p.ops[15:]
+        t.add_row(f"{len(rest)} other op types", f"{sum(o['ms'] for o in rest):.3f}", str(sum(o["kernels"] for o in rest)),
+                  f"{100 * sum(o['share'] for o in rest):.1f} %")
+    console.print(t)
+    if p.weights:
+        t = Table("weight MatMul", "K x N", "nodes", "ms per step", "MB per step", "GB/s", title="kernels that read stored weights")
+        for w in p.weights:
+            t.add_row(w["op"], f"{w['K']} x {w['N']}", str(w["nodes"]), f"{w['ms']:.3f}", f"{w['mb']:.1f}", f"{w['gbps']:.1f}")
+        console.print(t)

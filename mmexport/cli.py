@@ -92,6 +92,7 @@ def build_cmd(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: artifacts/RECIPE].")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or fp16 [default: the recipe's].")] = None,
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4: weight-only MatMul quantization (ONNX Runtime only).")] = None,
+    quantize_vision: Annotated[bool, typer.Option("--quantize-vision", help="With --quantize: the vision encoder and projector too (judged by the recipe's [tolerances.SCHEME_vision]).")] = False,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Decoder rows per call (`serve` batches that many requests) [default: the recipe's, or 8].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     engines: Annotated[bool, typer.Option("--engines", help="Also build TensorRT engines (as `mmexport engines`).")] = False,
@@ -117,6 +118,8 @@ def build_cmd(
     from .export.build import build
 
     dest = out_dir or Path("artifacts") / r.name
+    if quantize_vision and not quantize:
+        raise UserError("--quantize-vision goes with --quantize int8|int4")
     if engines and quantize:
         raise UserError("--engines with --quantize: TensorRT does not take ONNX Runtime's MatMulNBits graphs; build engines from an unquantized build")
     if engines:
@@ -126,7 +129,7 @@ def build_cmd(
     engine_info = None
     with Destination(dest, force=force, log=_log) as destination:  # locked across the export and the engines
         res = build(r, dest, model=model, precision=precision, quantize=quantize, force=force, log=_log, stage=_stage,
-                    destination=destination)
+                    destination=destination, quantize_vision=quantize_vision)
         if engines:
             from .engines.commands import build_engines
 

@@ -147,6 +147,7 @@ def verify(
     from .checkpoints import reference_checkpoint
     from .export.preflight import check_checkpoint_files
     from .runtime.image import load_image
+    from .export.build import VISION_STAGES, vision_gate
     from .taskeval import TaskGate, evaluate_task, load_task
     from .runtime.pipeline import KVCache, Pipeline
     from .runtime.prompt import user_message
@@ -164,6 +165,8 @@ def verify(
     quantized = set(quant["components"]) if quant else set()
 
     def tol_for(component: str):
+        if component in quantized and component in VISION_STAGES:  # a quantized vision tower has its own gate
+            return recipe.tolerance(vision_gate(scheme))
         return tol if component in quantized else base_tol
 
     gate = TaskGate.from_recipe(recipe.task, task)

@@ -92,3 +92,8 @@ def test_int8_build_verifies_against_its_gate_and_int4_needs_a_stated_gate(cache
     assert "MatMulNBits" in p.stderr
     p = run_cli("build", "qwen2-vl-tiny", "--quantize", "int4", "--out", tmp_path / "int4", check=2)
     assert "[tolerances.int4]" in p.stderr and not (tmp_path / "int4").exists()
+    # a quantized vision tower needs a gate of its own; --quantize-vision needs --quantize
+    p = run_cli("build", "qwen2-vl-tiny", "--quantize", "int8", "--quantize-vision", "--out", tmp_path / "v", check=2)
+    assert "[tolerances.int8_vision]" in p.stderr and not (tmp_path / "v").exists()
+    p = run_cli("build", "qwen2-vl-tiny", "--quantize-vision", "--out", tmp_path / "v", check=2)
+    assert "--quantize-vision goes with --quantize" in p.stderr and not (tmp_path / "v").exists()

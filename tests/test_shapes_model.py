@@ -7,6 +7,7 @@ checkpoint, through `mmexport verify --task`.
 from __future__ import annotations
 
 import json
+import tomllib
 import subprocess
 import sys
 from pathlib import Path
@@ -68,13 +69,23 @@ def test_verify_task_fp32(shapes_artifacts, tmp_path):
     assert set(task["per_kind"]) == set(shapes.KINDS)
 
 
-@pytest.mark.parametrize("flags", [("--precision", "fp16"), ("--quantize", "int8"), ("--quantize", "int4")], ids=["fp16", "int8", "int4"])
+@pytest.mark.parametrize("flags", [("--precision", "fp16"), ("--quantize", "int8"), ("--quantize", "int4", "--quantize-vision")],
+                         ids=["fp16", "int8", "int4-with-vision"])
 def test_verify_task_other_precisions(cache_dir, tmp_path, flags):
     out = tmp_path / "build"
     run_cli("build", "qwen2-vl-shapes", "--out", out, *flags)
     p = run_cli("verify", out, "--task-examples", TASK_EXAMPLES, "--json")
-    task = json.loads(p.stdout)["task"]
+    rep = json.loads(p.stdout)
+    task = rep["task"]
     assert task["passed"] and task["accuracy"] >= task["reference_accuracy"] - 0.01, task
+    if "--quantize-vision" in flags:  # the quantized tower is judged by its own gate, the decoder by the scheme's
+        recipe = tomllib.loads((REPO / "recipes" / "qwen2-vl-shapes.toml").read_text())["tolerances"]
+        m = json.loads((out / "manifest.json").read_text())
+        assert {"decoder", "vision_encoder", "projector"} <= set(m["quantization"]["components"])
+        by = {(c["case"], c["name"]): c for c in rep["comparisons"]}
+        vis = by[("images[0]", "vision_encoder")]
+        assert vis["tol_abs"] == recipe["int4_vision"]["component_max_abs"] and vis["max_abs"] > 1e-3
+        assert by[("images", "decoder")]["tol_abs"] == recipe["int4"]["logits_max_abs"]  # its output is the logits
 
 
 def test_training_script_runs(tmp_path):

@@ -49,16 +49,18 @@ def build(
     log: Callable[[str], None] = print,
     stage: Callable[[str], Any] | None = None,
     destination: Destination | None = None,
+    quantize_vision: bool = False,
 ) -> BuildResult:
     """Export every component of `recipe` into `out_dir`. `stage(name)` is a context-manager factory for progress.
     `destination`: an entered `Destination` for `out_dir` when the caller holds its lock for longer
-    (the CLI keeps it across `--engines`); by default the build takes it for itself."""
+    (the CLI keeps it across `--engines`); by default the build takes it for itself. `quantize_vision`: with
+    `quantize`, the vision encoder and projector too (as the recipe's `[export] quantize_vision`)."""
     t0 = time.perf_counter()
     stage = stage or _null_stage
     precision = precision or recipe.precision
     if precision not in recipe.tolerances:
         raise UserError(f"recipe {recipe.name} has no tolerances for precision {precision!r}")
-    qcfg = _quant_config(recipe, quantize)
+    qcfg = _quant_config(recipe, quantize, quantize_vision)
     with (nullcontext(destination) if destination is not None else Destination(out_dir, force=force, log=log)) as dest:
         try:
             result = _build_into(dest, recipe, model, precision, qcfg, log, stage)
@@ -168,8 +170,17 @@ def _free_bytes(path: Path) -> int | None:
         return None
 
 
-def _quant_config(recipe: Recipe, quantize: str | None) -> dict[str, Any] | None:
-    """Weight-only quantization settings from the recipe's [export] table (None: not quantized)."""
+VISION_STAGES = ("vision_encoder", "projector")  # the components --quantize-vision quantizes (those a build has)
+
+
+def vision_gate(scheme: str) -> str:
+    """The recipe tolerance table that judges quantized vision components (`int8_vision`, `int4_vision`)."""
+    return f"{scheme}_vision"
+
+
+def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = False) -> dict[str, Any] | None:
+    """Weight-only quantization settings from the recipe's [export] table (None: not quantized). Quantized vision
+    components have a gate of their own, `[tolerances.<scheme>_vision]`: without one they are not built."""
     if quantize is None:
         return None
     from .quantize import QUANT_NAMES
@@ -180,8 +191,11 @@ def _quant_config(recipe: Recipe, quantize: str | None) -> dict[str, Any] | None
         raise UserError(f"recipe {recipe.name} has no [tolerances.{quantize}]: its accuracy gate is not stated, so it is not built")
     exp = recipe.raw.get("export", {})
     comps = ["decoder"]
-    if exp.get("quantize_vision", False):
-        comps += ["vision_encoder", "projector"]
+    if quantize_vision or exp.get("quantize_vision", False):
+        if vision_gate(quantize) not in recipe.tolerances:
+            raise UserError(f"recipe {recipe.name} has no [tolerances.{vision_gate(quantize)}]: the accuracy gate of a "
+                            f"{quantize} vision encoder is not stated, so it is not built")
+        comps += list(VISION_STAGES)
     if exp.get("quantize_embeddings", False):
         comps.append("embed_tokens")
     return {

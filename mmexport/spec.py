@@ -18,6 +18,23 @@ DimRef = Union[int, str]
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 
 
+_NUMPY_DTYPES: dict[str, Any] = {}  # declared dtype -> numpy dtype, or None where numpy has none (bfloat16)
+
+
+def _same_dtype(dt: Any, declared: str) -> bool:
+    """`dt` (a numpy dtype, or another library's) is the declared dtype; numpy's compare in C first (str() of a
+    numpy dtype costs microseconds, and a decode step checks ~50 inputs)."""
+    if declared not in _NUMPY_DTYPES:
+        try:
+            import numpy as np
+
+            _NUMPY_DTYPES[declared] = np.dtype(declared)
+        except (ImportError, TypeError):
+            _NUMPY_DTYPES[declared] = None
+    want = _NUMPY_DTYPES[declared]
+    return (want is not None and dt == want) or str(dt) == declared
+
+
 @dataclass(frozen=True)
 class Dim:
     """A named dynamic dimension and the range an engine or a session must accept.
@@ -147,14 +164,18 @@ class ComponentSpec:
         `feed` values need `.shape` and `.dtype` (numpy arrays or compatible); consistent use of a
         named dim across inputs is checked too.
         """
-        missing = [n for n in self.input_names if n not in feed]
-        extra = [n for n in feed if n not in self.input_names]
+        names = self.input_names
+        if len(feed) != len(names) or not all(n in feed for n in names):  # (once per decode step: kept cheap)
+            wanted = set(names)
+            missing, extra = [n for n in names if n not in feed], [n for n in feed if n not in wanted]
+        else:
+            missing = extra = []
         if missing or extra:
             raise ValueError(f"{self.name}: missing inputs {missing}, unexpected inputs {extra}")
         seen: dict[str, int] = {}
         for t in self.inputs:
             arr = feed[t.name]
-            if str(arr.dtype) != t.dtype:
+            if not _same_dtype(arr.dtype, t.dtype):
                 raise ValueError(f"{self.name}.{t.name}: dtype {arr.dtype}, declared {t.dtype}")
             if len(arr.shape) != len(t.shape):
                 raise ValueError(f"{self.name}.{t.name}: rank {len(arr.shape)}, declared {len(t.shape)}")

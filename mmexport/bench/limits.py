@@ -14,7 +14,8 @@ What a request costs is read off the artifact: the bytes of each graph's weights
 files), the cache a decode step reads (the filled slots, on average over the request's decode steps, where the
 backend feeds only those; else the whole preallocated buffer: attention then runs over every slot, masked or
 not), one embedding row; and the FLOPs of the weight MatMuls (2 x K x N per row of input, from the
-graphs; attention's score/value products are not counted, so FLOP/s figures are lower bounds).
+graphs, the LM head once per prefill as the decoder computes only the last position's logits; attention's
+score/value products are not counted, so FLOP/s figures are lower bounds).
 """
 from __future__ import annotations
 
@@ -53,24 +54,32 @@ def graph_bytes(manifest, component: str) -> int:
     return sum((manifest.root / rel).stat().st_size for rel in [c["file"], *c.get("data_files", [])])
 
 
-def matmul_flops_per_row(onnx_path: Path) -> int | None:
-    """2 x K x N summed over the graph's MatMul / Gemm / MatMulNBits nodes whose weight is a stored tensor:
-    the FLOPs each input row costs. None when the onnx package is not installed."""
+def matmul_flops(onnx_path: Path) -> tuple[int, int] | None:
+    """(per input row, of which the LM head): 2 x K x N summed over the graph's MatMul / Gemm / MatMulNBits nodes
+    whose weight is a stored tensor. The decoder's LM head runs on the last position only, once per call. None
+    when the onnx package is not installed."""
     try:
         import onnx
     except ImportError:
         return None
+    from ..export.quantize import lm_head_node
+
     model = onnx.load(str(onnx_path), load_external_data=False)
     inits = {t.name: list(t.dims) for t in model.graph.initializer}
-    total = 0
+    head = lm_head_node(model.graph)
+    total = head_flops = 0
     for n in model.graph.node:
+        f = 0
         if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]]) == 2:
             k, m = inits[n.input[1]]
-            total += 2 * k * m
+            f = 2 * k * m
         elif n.op_type == "MatMulNBits":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-            total += 2 * int(attrs["K"]) * int(attrs["N"])
-    return total
+            f = 2 * int(attrs["K"]) * int(attrs["N"])
+        total += f
+        if n.name == head:
+            head_flops = f
+    return total, head_flops
 
 
 def decode_step_bytes(manifest, slots: int | None = None) -> dict[str, int]:
@@ -220,11 +229,13 @@ def measure_limits(manifest, rows: dict[str, int], timings_ms: dict[str, float],
         f"ONNX Runtime GEMM ({f'{bits}-bit weights' if bits else 'float32'})")
     read = measure_read_bandwidth(step["total"], threads)
     peak = measure_gemm_peak(threads, bits, level)
-    flops = {c: matmul_flops_per_row(manifest.component_file(c)) for c in ("decoder", "vision_encoder", "projector") if c in manifest.components}
+    counted = {c: matmul_flops(manifest.component_file(c)) for c in ("decoder", "vision_encoder", "projector") if c in manifest.components}
+    flops = {c: (v[0] if v else None) for c, v in counted.items()}
     lim = Limits(threads, step, read, peak, f"{bits}-bit MatMulNBits (accuracy level {level})" if bits else "float32 MatMul", flops)
     lim.decode_gbps = step["total"] * decode_tok_s / GB
     if flops.get("decoder") is not None and rows.get("decoder") and timings_ms.get("prefill"):
-        lim.prefill_flops = flops["decoder"] * rows["decoder"]
+        head = counted["decoder"][1]  # the LM head runs on the last position alone
+        lim.prefill_flops = (flops["decoder"] - head) * rows["decoder"] + head
         lim.prefill_gflops = lim.prefill_flops / (timings_ms["prefill"] / 1e3) / 1e9
     vis = [c for c in ("vision_encoder", "projector") if flops.get(c) is not None]
     if vis and rows.get("vision_encoder") and timings_ms.get("vision"):

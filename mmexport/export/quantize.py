@@ -65,7 +65,7 @@ def quantize_component(
     rewritten, gemms = _gemm_to_matmul(model.graph)
     folded = _fold_weight_transposes(model.graph)
     candidates = _weight_matmuls(model.graph)
-    lm_head = _lm_head(model.graph)
+    lm_head = lm_head_node(model.graph)
     excluded = [lm_head] if (exclude_lm_head and lm_head) else []
     targets = [n for n in candidates if n not in excluded]
 
@@ -269,8 +269,9 @@ def _weight_matmuls(graph) -> list[str]:
     return out
 
 
-def _lm_head(graph) -> str | None:
-    """The MatMul that produces the `logits` output (through casts/reshapes/bias), if any."""
+def lm_head_node(graph) -> str | None:
+    """The MatMul (a quantized graph's MatMulNBits) that produces the `logits` output (through
+    casts/reshapes/bias), if any."""
     inits = {t.name for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
     outs = [o.name for o in graph.output if o.name == "logits"]
@@ -280,7 +281,7 @@ def _lm_head(graph) -> str | None:
     for _ in range(16):
         if n is None:
             return None
-        if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits:
+        if (n.op_type in ("MatMul", "Gemm") and n.input[1] in inits) or n.op_type == "MatMulNBits":
             return n.name
         if n.op_type not in _PASS_THROUGH:
             return None

@@ -184,6 +184,9 @@ def test_limits_of_this_machine(report, tiny_artifacts):
     head = 2 * h * vocab  # the LM head runs on the last position only
     assert lim["prefill_flops"] == (lim["flops_per_row"]["decoder"] - head) * report.ours.prompt_tokens + head
     assert lim["read_gbps"] > 0 and lim["gemm_peak_gflops"] > 0 and lim["threads"] >= 1
+    # an unquantized build: prefill and vision are both judged against the float32 GEMM, measured once
+    assert lim["gemm_kind"] == lim["vision_gemm_kind"] == "float32 MatMul"
+    assert lim["vision_gemm_peak_gflops"] == lim["gemm_peak_gflops"]
     assert lim["decode_gbps"] == pytest.approx(lim["decode_bytes"]["total"] * report.ours.tokens_per_s.median / 1e9, rel=1e-2)
     assert 0 < lim["percent_of_limit"]["decode"] and 0 < lim["percent_of_limit"]["prefill"] and 0 < lim["percent_of_limit"]["vision"]
 

@@ -8,7 +8,7 @@ same run, with the runtime's thread count:
   same caches help or not as they help the decoder), best of several passes;
 - GEMM peak: ONNX Runtime's own MatMul (the kernels the exported graphs run) on a [512, 2048] x [2048, 2048]
   product with float32 weights, and with 8-bit / 4-bit block-quantized weights (MatMulNBits) for quantized
-  builds, at the build's accuracy level.
+  builds, at the build's accuracy level: the decoder's format for prefill, the vision encoder's for vision.
 
 What a request costs is read off the artifact: the bytes of each graph's weights (its .onnx and .onnx.data
 files), the cache a decode step reads (the filled slots, on average over the request's decode steps, where the
@@ -198,20 +198,22 @@ class Limits:
     vision_gflops: float | None = None
     prefill_flops: int | None = None
     vision_flops: int | None = None
+    vision_gemm_peak_gflops: float | None = None  # the vision encoder's weight format (float32 unless it was quantized)
+    vision_gemm_kind: str = ""
 
     @property
     def percent(self) -> dict[str, float | None]:
-        peak = self.gemm_peak_gflops
+        peak, vpeak = self.gemm_peak_gflops, self.vision_gemm_peak_gflops
         return {
             "decode": 100 * self.decode_gbps / self.read_gbps if self.read_gbps else None,
             "prefill": 100 * self.prefill_gflops / peak if peak and self.prefill_gflops is not None else None,
-            "vision": 100 * self.vision_gflops / peak if peak and self.vision_gflops is not None else None,
+            "vision": 100 * self.vision_gflops / vpeak if vpeak and self.vision_gflops is not None else None,
         }
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["percent_of_limit"] = {k: (round(v, 1) if v is not None else None) for k, v in self.percent.items()}
-        for key in ("read_gbps", "gemm_peak_gflops", "decode_gbps", "prefill_gflops", "vision_gflops"):
+        for key in ("read_gbps", "gemm_peak_gflops", "decode_gbps", "prefill_gflops", "vision_gflops", "vision_gemm_peak_gflops"):
             if d[key] is not None:
                 d[key] = round(d[key], 2)
         return d
@@ -223,15 +225,22 @@ def measure_limits(manifest, rows: dict[str, int], timings_ms: dict[str, float],
     threads = runtime_threads()
     step = decode_step_bytes(manifest, rows.get("kv_slots"))
     quant = manifest.data.get("quantization") or {}
-    bits = quant.get("bits") if "decoder" in (quant.get("components") or {}) else None
+    quantized = quant.get("components") or {}
+    bits = quant.get("bits") if "decoder" in quantized else None
+    vbits = quant.get("bits") if "vision_encoder" in quantized else None
     level = quant.get("accuracy_level")
+
+    def kind(b):
+        return f"{b}-bit MatMulNBits (accuracy level {level})" if b else "float32 MatMul"
+
     log(f"measuring this machine's limits with {threads} thread(s): read bandwidth over {step['total'] / 1e6:.0f} MB, "
-        f"ONNX Runtime GEMM ({f'{bits}-bit weights' if bits else 'float32'})")
+        f"ONNX Runtime GEMM ({' and '.join(dict.fromkeys([kind(bits), kind(vbits)]))})")
     read = measure_read_bandwidth(step["total"], threads)
     peak = measure_gemm_peak(threads, bits, level)
+    vpeak = peak if vbits == bits else measure_gemm_peak(threads, vbits, level)
     counted = {c: matmul_flops(manifest.component_file(c)) for c in ("decoder", "vision_encoder", "projector") if c in manifest.components}
     flops = {c: (v[0] if v else None) for c, v in counted.items()}
-    lim = Limits(threads, step, read, peak, f"{bits}-bit MatMulNBits (accuracy level {level})" if bits else "float32 MatMul", flops)
+    lim = Limits(threads, step, read, peak, kind(bits), flops, vision_gemm_peak_gflops=vpeak, vision_gemm_kind=kind(vbits))
     lim.decode_gbps = step["total"] * decode_tok_s / GB
     if flops.get("decoder") is not None and rows.get("decoder") and timings_ms.get("prefill"):
         head = counted["decoder"][1]  # the LM head runs on the last position alone

@@ -118,7 +118,7 @@ def _bar_panel(ax, labels: list[str], vals: list[float], ylabel: str, fmt: str) 
 
 def render_limits(lim, console) -> None:
     """The run against this machine's measured limits: decode against read bandwidth, prefill and vision
-    against the GEMM peak of the build's weight format."""
+    against the GEMM peak of each one's weight format."""
     from rich.table import Table
 
     pct = lim.percent
@@ -136,5 +136,6 @@ def render_limits(lim, console) -> None:
     if lim.prefill_gflops is not None:
         t.add_row("prefill", f"{lim.prefill_gflops:.0f} GFLOP/s ({lim.prefill_flops / 1e9:,.1f} GFLOP of weight MatMuls)", peak, p(pct["prefill"]))
     if lim.vision_gflops is not None:
-        t.add_row("vision", f"{lim.vision_gflops:.0f} GFLOP/s ({lim.vision_flops / 1e9:,.1f} GFLOP of weight MatMuls)", peak, p(pct["vision"]))
+        vpeak = f"{lim.vision_gemm_peak_gflops:.0f} GFLOP/s ({lim.vision_gemm_kind})" if lim.vision_gemm_peak_gflops else "- (needs onnx)"
+        t.add_row("vision", f"{lim.vision_gflops:.0f} GFLOP/s ({lim.vision_flops / 1e9:,.1f} GFLOP of weight MatMuls)", vpeak, p(pct["vision"]))
     console.print(t)

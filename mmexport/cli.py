@@ -93,6 +93,7 @@ def build_cmd(
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or fp16 [default: the recipe's].")] = None,
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4: weight-only MatMul quantization (ONNX Runtime only).")] = None,
     quantize_vision: Annotated[bool, typer.Option("--quantize-vision", help="With --quantize: the vision encoder and projector too (judged by the recipe's [tolerances.SCHEME_vision]).")] = False,
+    quant_method: Annotated[Optional[str], typer.Option("--quant-method", help="With --quantize: blockwise (weight-only MatMulNBits, for decode) or dynamic (int8 only: integer GEMMs, for prefill and vision) [default: the recipe's, or blockwise].")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Decoder rows per call (`serve` batches that many requests) [default: the recipe's, or 8].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     engines: Annotated[bool, typer.Option("--engines", help="Also build TensorRT engines (as `mmexport engines`).")] = False,
@@ -129,7 +130,7 @@ def build_cmd(
     engine_info = None
     with Destination(dest, force=force, log=_log) as destination:  # locked across the export and the engines
         res = build(r, dest, model=model, precision=precision, quantize=quantize, force=force, log=_log, stage=_stage,
-                    destination=destination, quantize_vision=quantize_vision)
+                    destination=destination, quantize_vision=quantize_vision, quant_method=quant_method)
         if engines:
             from .engines.commands import build_engines
 

@@ -97,3 +97,13 @@ def test_int8_build_verifies_against_its_gate_and_int4_needs_a_stated_gate(cache
     assert "[tolerances.int8_vision]" in p.stderr and not (tmp_path / "v").exists()
     p = run_cli("build", "qwen2-vl-tiny", "--quantize-vision", "--out", tmp_path / "v", check=2)
     assert "--quantize-vision goes with --quantize" in p.stderr and not (tmp_path / "v").exists()
+    # dynamic quantization is 8-bit, of an fp32 build, and needs --quantize
+    p = run_cli("build", "qwen2-vl-shapes", "--quantize", "int4", "--quant-method", "dynamic", "--out", tmp_path / "v", check=2)
+    assert "dynamic quantization is 8-bit" in p.stderr and not (tmp_path / "v").exists()
+    p = run_cli("build", "qwen2-vl-shapes", "--quant-method", "dynamic", "--out", tmp_path / "v", check=2)
+    assert "--quant-method goes with --quantize" in p.stderr
+    p = run_cli("build", "qwen2-vl-shapes", "--quantize", "int8", "--quant-method", "dynamic", "--precision", "fp16",
+                "--out", tmp_path / "v", check=2)
+    assert "dynamic quantization takes an fp32 build" in p.stderr and not (tmp_path / "v").exists()
+    p = run_cli("build", "qwen2-vl-shapes", "--quantize", "int8", "--quant-method", "gptq", "--out", tmp_path / "v", check=2)
+    assert "blockwise, dynamic" in p.stderr

@@ -290,3 +290,33 @@ def test_asymmetric_weights_with_zero_points(quantized, tmp_path, bits, min_cos)
     feed = {"pixel_values": rng.standard_normal((16, 1176)).astype(np.float32), "rotary_cos": np.cos(ang), "rotary_sin": np.sin(ang)}
     ref = _session(src / "vision_encoder.onnx").run(None, feed)[0]
     assert _cmp(ref, _session(tmp_path / "vision_encoder.onnx").run(None, feed)[0])[1] > min_cos
+
+
+def test_dynamic_int8_integer_gemms(tiny_artifacts, decoder_feed, tmp_path):
+    """method="dynamic": every weight MatMul becomes an integer GEMM (MatMulInteger on per-channel int8 weights,
+    activations quantized per tensor at run time), the interface is unchanged, the outputs stay close; 8-bit only."""
+    d = tmp_path / "dq"
+    shutil.copytree(tiny_artifacts / "onnx", d)
+    ref = onnx.load(str(tiny_artifacts / "onnx" / "decoder.onnx"))
+    s = quantize_component(d / "decoder.onnx", 8, method="dynamic")
+    model = onnx.load(str(d / "decoder.onnx"))
+    assert _io(model) == _io(ref)
+    ints = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    assert len(ints) == len(_weight_matmuls(ref)) == s["quantized_matmuls"] == s["weight_matmuls"] == 9
+    assert not _weight_matmuls(model) and not [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)  # standard ONNX ops only
+    inits = {t.name: t for t in model.graph.initializer}
+    assert all(inits[n.input[1]].data_type == TensorProto.INT8 for n in ints)
+    assert s["method"] == "dynamic" and s["block_size"] is None and s["lm_head_quantized"]
+    _, feed = decoder_feed
+    want = _session(tiny_artifacts / "onnx" / "decoder.onnx").run(None, feed)[0]
+    got = _session(d / "decoder.onnx").run(None, feed)[0]
+    max_abs, cos = _cmp(want, got)
+    # activations quantized per tensor: coarser than the block-wise int8 above (measured cosine 0.998 on random weights)
+    assert cos > 0.995 and 1e-4 < max_abs < 0.5, (max_abs, cos)
+    v = quantize_component(d / "vision_encoder.onnx", 8, method="dynamic")
+    assert v["quantized_matmuls"] == v["weight_matmuls"] == 9 and v["gemm_rewritten"] > 0
+    with pytest.raises(ValueError, match="8-bit only"):
+        quantize_component(d / "embed_tokens.onnx", 4, method="dynamic")
+    with pytest.raises(ValueError, match="method"):
+        quantize_component(d / "embed_tokens.onnx", 8, method="gptq")

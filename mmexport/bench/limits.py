@@ -55,7 +55,8 @@ def graph_bytes(manifest, component: str) -> int:
 
 
 def matmul_flops(onnx_path: Path) -> tuple[int, int] | None:
-    """(per input row, of which the LM head): 2 x K x N summed over the graph's MatMul / Gemm / MatMulNBits nodes
+    """(per input row, of which the LM head): 2 x K x N summed over the graph's MatMul / Gemm / MatMulNBits /
+    MatMulInteger nodes
     whose weight is a stored tensor. The decoder's LM head runs on the last position only, once per call. None
     when the onnx package is not installed."""
     try:
@@ -70,7 +71,7 @@ def matmul_flops(onnx_path: Path) -> tuple[int, int] | None:
     total = head_flops = 0
     for n in model.graph.node:
         f = 0
-        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]]) == 2:
+        if n.op_type in ("MatMul", "Gemm", "MatMulInteger") and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]]) == 2:
             k, m = inits[n.input[1]]
             f = 2 * k * m
         elif n.op_type == "MatMulNBits":
@@ -134,9 +135,10 @@ def measure_read_bandwidth(nbytes: int, threads: int, passes: int = 5, min_bytes
 
 
 def measure_gemm_peak(threads: int, bits: int | None = None, accuracy_level: int | None = None,
-                      m: int = 512, k: int = 2048, n: int = 2048, repeat: int = 5) -> float | None:
+                      m: int = 512, k: int = 2048, n: int = 2048, repeat: int = 5, method: str = "blockwise") -> float | None:
     """GFLOP/s of ONNX Runtime's MatMul on [m, k] x [k, n] (float32 weights, or MatMulNBits with `bits`-bit
-    blocks at `accuracy_level`), with the runtime's session settings. None without the onnx package."""
+    blocks at `accuracy_level`, or with `method="dynamic"` the int8 integer GEMM of dynamic quantization), with the
+    runtime's session settings. None without the onnx package."""
     try:
         import onnx
         import onnxruntime as ort
@@ -146,14 +148,18 @@ def measure_gemm_peak(threads: int, bits: int | None = None, accuracy_level: int
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "gemm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
         [numpy_helper.from_array(w, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = min(model.ir_version, 10)
-    if bits:
+    if bits and method == "dynamic":
+        from ..export.quantize import _run_dynamic_quantizer
+
+        model = _run_dynamic_quantizer(model, ["mm"])
+    elif bits:
         import logging
 
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -229,15 +235,18 @@ def measure_limits(manifest, rows: dict[str, int], timings_ms: dict[str, float],
     bits = quant.get("bits") if "decoder" in quantized else None
     vbits = quant.get("bits") if "vision_encoder" in quantized else None
     level = quant.get("accuracy_level")
+    method = quant.get("method", "blockwise")
 
     def kind(b):
+        if b and method == "dynamic":
+            return "int8 dynamic quantization (MatMulInteger)"
         return f"{b}-bit MatMulNBits (accuracy level {level})" if b else "float32 MatMul"
 
     log(f"measuring this machine's limits with {threads} thread(s): read bandwidth over {step['total'] / 1e6:.0f} MB, "
         f"ONNX Runtime GEMM ({' and '.join(dict.fromkeys([kind(bits), kind(vbits)]))})")
     read = measure_read_bandwidth(step["total"], threads)
-    peak = measure_gemm_peak(threads, bits, level)
-    vpeak = peak if vbits == bits else measure_gemm_peak(threads, vbits, level)
+    peak = measure_gemm_peak(threads, bits, level, method=method)
+    vpeak = peak if vbits == bits else measure_gemm_peak(threads, vbits, level, method=method)
     counted = {c: matmul_flops(manifest.component_file(c)) for c in ("decoder", "vision_encoder", "projector") if c in manifest.components}
     flops = {c: (v[0] if v else None) for c, v in counted.items()}
     lim = Limits(threads, step, read, peak, kind(bits), flops, vision_gemm_peak_gflops=vpeak, vision_gemm_kind=kind(vbits))

@@ -54,7 +54,7 @@ def _weight_nodes(onnx_path: Path) -> dict[str, tuple[str, int, int, int]]:
         sizes[t.name] = (list(t.dims), int(np.prod(t.dims or [1])) * itemsize)
     out = {}
     for n in model.graph.node:
-        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in sizes and len(sizes[n.input[1]][0]) == 2:
+        if n.op_type in ("MatMul", "Gemm", "MatMulInteger") and len(n.input) > 1 and n.input[1] in sizes and len(sizes[n.input[1]][0]) == 2:
             (k, m), b = sizes[n.input[1]]
             out[n.name] = (n.op_type, k, m, b)
         elif n.op_type == "MatMulNBits":

@@ -83,8 +83,10 @@ def build_engines(
     if not specs:
         raise UserError(f"{artifact_dir}: the manifest lists no components")
     if manifest.data.get("quantization"):
-        raise UserError(f"{artifact_dir}: a {manifest.data['quantization']['scheme']} build uses ONNX Runtime's MatMulNBits, "
-                        "which TensorRT does not parse; build engines from an unquantized build")
+        q = manifest.data["quantization"]
+        ops = "dynamic quantization (MatMulInteger)" if q.get("method") == "dynamic" else "ONNX Runtime's MatMulNBits"
+        raise UserError(f"{artifact_dir}: a {q['scheme']} build uses {ops}, which TensorRT does not build; "
+                        "build engines from an unquantized build")
     identities = manifest_onnx_identities(manifest)
     comps = [(spec, manifest.component_file(name)) for name, spec in specs.items()]
     return write_engine_dir(

@@ -50,17 +50,21 @@ def build(
     stage: Callable[[str], Any] | None = None,
     destination: Destination | None = None,
     quantize_vision: bool = False,
+    quant_method: str | None = None,
 ) -> BuildResult:
     """Export every component of `recipe` into `out_dir`. `stage(name)` is a context-manager factory for progress.
     `destination`: an entered `Destination` for `out_dir` when the caller holds its lock for longer
     (the CLI keeps it across `--engines`); by default the build takes it for itself. `quantize_vision`: with
-    `quantize`, the vision encoder and projector too (as the recipe's `[export] quantize_vision`)."""
+    `quantize`, the vision encoder and projector too (as the recipe's `[export] quantize_vision`); `quant_method`:
+    blockwise or dynamic (as `[export] quant_method`, default blockwise)."""
     t0 = time.perf_counter()
     stage = stage or _null_stage
     precision = precision or recipe.precision
     if precision not in recipe.tolerances:
         raise UserError(f"recipe {recipe.name} has no tolerances for precision {precision!r}")
-    qcfg = _quant_config(recipe, quantize, quantize_vision)
+    qcfg = _quant_config(recipe, quantize, quantize_vision, quant_method)
+    if qcfg and qcfg["method"] == "dynamic" and precision != "fp32":
+        raise UserError(f"dynamic quantization takes an fp32 build, not {precision}")
     with (nullcontext(destination) if destination is not None else Destination(out_dir, force=force, log=log)) as dest:
         try:
             result = _build_into(dest, recipe, model, precision, qcfg, log, stage)
@@ -112,7 +116,7 @@ def _build_into(dest: Destination, recipe: Recipe, model: str | None, precision:
                 qcfg["report"][comp.spec.name] = quantize_component(
                     path, qcfg["bits"], block_size=qcfg["block_size"], symmetric=qcfg["symmetric"],
                     exclude_lm_head=not qcfg["lm_head"], quantize_embeddings=comp.spec.name == "embed_tokens",
-                    accuracy_level=qcfg["accuracy_level"],
+                    accuracy_level=qcfg["accuracy_level"], method=qcfg["method"],
                 )
             rel = [str(p.relative_to(tmp)) for p in sorted(path.parent.glob(path.name + "*"))]
             files += rel
@@ -178,18 +182,26 @@ def vision_gate(scheme: str) -> str:
     return f"{scheme}_vision"
 
 
-def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = False) -> dict[str, Any] | None:
+def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = False,
+                  quant_method: str | None = None) -> dict[str, Any] | None:
     """Weight-only quantization settings from the recipe's [export] table (None: not quantized). Quantized vision
     components have a gate of their own, `[tolerances.<scheme>_vision]`: without one they are not built."""
     if quantize is None:
+        if quant_method is not None:
+            raise UserError("--quant-method goes with --quantize int8|int4")
         return None
-    from .quantize import QUANT_NAMES
+    from .quantize import QUANT_METHODS, QUANT_NAMES
 
     if quantize not in QUANT_NAMES:
         raise UserError(f"--quantize must be one of {', '.join(QUANT_NAMES)}, got {quantize!r}")
     if quantize not in recipe.tolerances:
         raise UserError(f"recipe {recipe.name} has no [tolerances.{quantize}]: its accuracy gate is not stated, so it is not built")
     exp = recipe.raw.get("export", {})
+    method = quant_method or exp.get("quant_method", "blockwise")
+    if method not in QUANT_METHODS:
+        raise UserError(f"the quantization method must be one of {', '.join(QUANT_METHODS)}, got {method!r}")
+    if method == "dynamic" and QUANT_NAMES[quantize] != 8:
+        raise UserError(f"dynamic quantization is 8-bit: --quantize int8, not {quantize}")
     comps = ["decoder"]
     if quantize_vision or exp.get("quantize_vision", False):
         if vision_gate(quantize) not in recipe.tolerances:
@@ -201,7 +213,9 @@ def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = 
     return {
         "scheme": quantize,
         "bits": QUANT_NAMES[quantize],
-        "method": "onnxruntime MatMulNBitsQuantizer (weight-only, block-wise RTN)",
+        "method": method,
+        "tool": ("onnxruntime MatMulNBitsQuantizer (weight-only, block-wise RTN)" if method == "blockwise" else
+                 "onnxruntime quantize_dynamic (per-channel int8 weights, uint8 activations per tensor at run time)"),
         "block_size": int(exp.get("quant_block_size", 32)),
         "symmetric": bool(exp.get("quant_symmetric", True)),
         "lm_head": bool(exp.get("quantize_lm_head", True)),

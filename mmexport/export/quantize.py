@@ -1,4 +1,7 @@
-"""Weight-only block quantization of an exported graph (int8 / int4), with ONNX Runtime's own tools.
+"""Weight quantization of an exported graph (int8 / int4), with ONNX Runtime's own tools.
+
+Two methods (QUANT_METHODS): block-wise weight-only (below, the default) and, at 8 bits, dynamic
+quantization (integer GEMMs; see QUANT_METHODS).
 
 Every MatMul whose B input is a constant 2-D weight becomes a `com.microsoft::MatMulNBits` node
 (ONNX Runtime's `MatMulNBitsQuantizer`, round-to-nearest, blocks of `block_size` along K, one fp
@@ -28,6 +31,12 @@ from typing import Any
 
 QUANT_NAMES = {"int8": 8, "int4": 4}
 SUPPORTED_BITS = (4, 8)  # MatMulNBitsQuantizer also packs 2 bits; the CPU kernels and the tests cover 4 and 8
+# "blockwise": MatMulNBits (weight-only, block scales; best where weights are read once per token: decode).
+# "dynamic" (8 bits only): ONNX Runtime's quantize_dynamic, per-channel int8 weights and activations quantized
+# per tensor at run time, so the product runs in MLAS's u8s8 integer GEMM (VNNI where the CPU has it): made for
+# what multiplies many rows by each weight (prefill, vision towers). Standard ONNX ops (DynamicQuantizeLinear,
+# MatMulInteger), which ONNX Runtime fuses when it loads the graph.
+QUANT_METHODS = ("blockwise", "dynamic")
 
 # ops between the lm_head MatMul and the `logits` output that do not change what the MatMul computes
 _PASS_THROUGH = {"Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Add"}
@@ -41,6 +50,7 @@ def quantize_component(
     exclude_lm_head: bool = False,
     quantize_embeddings: bool = False,
     accuracy_level: int | None = None,
+    method: str = "blockwise",
 ) -> dict[str, Any]:
     """Quantize the MatMul weights of `onnx_path` in place (weights in `<name>.onnx.data`).
 
@@ -53,6 +63,10 @@ def quantize_component(
     onnx_path = Path(onnx_path)
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"weight quantization supports {', '.join(map(str, SUPPORTED_BITS))} bits, not {bits}")
+    if method not in QUANT_METHODS:
+        raise ValueError(f"quantization method must be one of {', '.join(QUANT_METHODS)}, not {method!r}")
+    if method == "dynamic" and bits != 8:
+        raise ValueError(f"dynamic quantization is 8-bit only, not {bits}-bit")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of 2 and at least 16, not {block_size}")
 
@@ -69,10 +83,12 @@ def quantize_component(
     excluded = [lm_head] if (exclude_lm_head and lm_head) else []
     targets = [n for n in candidates if n not in excluded]
 
-    if targets:
+    if targets and method == "dynamic":
+        model = _run_dynamic_quantizer(model, targets)
+    elif targets:
         model = _run_ort_quantizer(model, bits, block_size, symmetric, accuracy_level, ("MatMul",), exclude=_all_names(model.graph, keep=targets))
         _dedupe_initializers(model.graph)
-    fused = _fuse_bias(model.graph, gemms)
+    fused = _fuse_bias(model.graph, gemms) if method == "blockwise" else 0
 
     embeddings: list[str] = []
     if quantize_embeddings:
@@ -90,7 +106,7 @@ def quantize_component(
             _quantize_gathers_8bit(model, tables, block_size, symmetric)
         embeddings = tables
 
-    quantized = [n.name for n in model.graph.node if n.op_type == "MatMulNBits"]
+    quantized = [n.name for n in model.graph.node if n.op_type in ("MatMulNBits", "MatMulInteger")]
     gathered = [n.name for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     if _io(model.graph) != io_before:
         raise RuntimeError(f"{onnx_path.name}: quantization changed the graph's inputs/outputs")
@@ -103,7 +119,8 @@ def quantize_component(
     bytes_after = _size(onnx_path, data_name)
     return {
         "bits": bits,
-        "block_size": block_size,
+        "method": method,
+        "block_size": block_size if method == "blockwise" else None,
         "symmetric": symmetric,
         "accuracy_level": accuracy_level,
         "weight_matmuls": len(candidates),
@@ -322,6 +339,27 @@ def _run_ort_quantizer(model, bits, block_size, symmetric, accuracy_level, op_ty
     finally:
         logger.setLevel(level)
     return q.model.model
+
+
+def _run_dynamic_quantizer(model, targets: list[str]):
+    """`targets` (MatMul node names) through ONNX Runtime's quantize_dynamic: per-channel symmetric int8
+    weights, uint8 activations quantized per tensor at run time."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logger = logging.getLogger("onnxruntime.quantization")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmexport-dq-") as tmp:
+            out = Path(tmp) / "q.onnx"
+            quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                             nodes_to_quantize=list(targets), use_external_data_format=True)
+            return onnx.load(str(out), load_external_data=True)
+    finally:
+        logger.setLevel(level)
 
 
 def _fuse_bias(graph, gemms: dict[str, tuple[str, str]]) -> int:

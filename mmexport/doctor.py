@@ -3,8 +3,9 @@
 Reports Python, the platform, numpy, ONNX Runtime (version, execution providers), whether torch /
 transformers / onnx are installed (found, never imported: importing torch takes seconds and is what the
 runtime avoids), the TensorRT flavours and versions, cuda-python, the CUDA driver and GPU (compute
-capability, through libcuda with ctypes), and on Jetson the board model and L4T release. Then three
-capabilities with their reasons: can_export, can_build_engines, can_run_engines.
+capability, through libcuda with ctypes), on Jetson the board model and L4T release, and the CPU's int8
+dot-product instructions (which quantization runs fast on it). Then the capabilities with their reasons:
+can_export, can_build_engines, can_run_engines, can_run_onnx.
 """
 from __future__ import annotations
 
@@ -159,6 +160,39 @@ def parse_tegra_release(text: str) -> str | None:
     return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
+CPUINFO = Path("/proc/cpuinfo")
+# the CPU's int8 dot-product instructions, as Linux names them: what ONNX Runtime's integer GEMMs (dynamic int8,
+# MatMulNBits at accuracy level 4) run on; without them u8s8 products can saturate
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+
+
+def _cpu(cpuinfo: Path = CPUINFO) -> dict[str, Any]:
+    """The CPU's model, logical cores and int8 dot-product support, read from /proc/cpuinfo (Linux)."""
+    info: dict[str, Any] = {"model": platform.processor() or None, "logical_cores": None, "int8_dot_product": []}
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return info
+    flags: set[str] = set()
+    cores = 0
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key == "processor":
+            cores += 1
+        elif key == "model name" and "model_name" not in info:
+            info["model_name"] = value.strip()
+        elif key == "model" and not value.strip().isdigit() and "board" not in info:  # Arm boards: "Model : ..."
+            info["board"] = value.strip()
+        elif key in ("flags", "features"):
+            flags.update(value.split())
+    info["model"] = info.pop("model_name", None) or info.pop("board", None) or info["model"]
+    info.pop("board", None)
+    info["logical_cores"] = cores or None
+    info["int8_dot_product"] = [f for f in INT8_DOT_FLAGS if f in flags]
+    return info
+
+
 def doctor() -> dict[str, Any]:
     """What this machine has and can do (JSON-serialisable)."""
     from . import __version__ as mm_version
@@ -241,6 +275,7 @@ def doctor() -> dict[str, Any]:
         "tensorrt": flavors,
         "cuda": cuda,
         "jetson": _jetson(),
+        "cpu": _cpu(),
         "capabilities": caps,
     }
 
@@ -272,6 +307,11 @@ def render_doctor(d: dict[str, Any], console: Any) -> None:
         env.add_row("GPU", f"{c['device_name']} (sm{c['compute_capability'].replace('.', '')}), driver CUDA {c['driver_version']}")
     else:
         env.add_row("GPU", f"[dim]none[/dim] ({c['error']})")
+    cpu = d.get("cpu") or {}
+    dot = cpu.get("int8_dot_product")
+    env.add_row("CPU", f"{cpu.get('model') or '?'}, {cpu.get('logical_cores') or '?'} logical cores; int8 dot products: "
+                + (", ".join(dot) + " (--quantize int8 --quant-method dynamic: integer GEMMs)" if dot else
+                   "none found (integer GEMMs of dynamic int8 can saturate: prefer block-wise --quantize)"))
     if d.get("jetson"):
         j = d["jetson"]
         env.add_row("Jetson", f"{j.get('model') or '?'}, L4T {j.get('l4t_release') or '?'}")

@@ -352,3 +352,28 @@ def test_render_doctor():
     text = buf.getvalue()
     for word in ("can_export", "can_build_engines", "can_run_engines", "onnxruntime", "tensorrt-rtx", "GPU"):
         assert word in text
+
+
+def test_doctor_reads_the_cpus_int8_dot_products(tmp_path: Path):
+    """The CPU line: model, cores and the int8 dot-product flags /proc/cpuinfo lists (x86 'flags', Arm 'Features')."""
+    from mmexport.doctor import INT8_DOT_FLAGS, _cpu, doctor
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n\n"
+                   "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert _cpu(x86) == {"model": "AMD EPYC", "logical_cores": 2, "int8_dot_product": ["avx512_vnni"]}
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n\nprocessor\t: 1\nFeatures\t: fp asimd asimddp\n")
+    assert _cpu(arm)["int8_dot_product"] == ["asimddp"] and _cpu(arm)["logical_cores"] == 2
+    old = tmp_path / "old"
+    old.write_text("processor\t: 0\nmodel name\t: Old\nflags\t\t: fpu sse avx2\n")
+    assert _cpu(old)["int8_dot_product"] == []
+    assert _cpu(tmp_path / "missing")["int8_dot_product"] == []
+    # this machine: what /proc/cpuinfo says, if it is there
+    cpu = doctor()["cpu"]
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        flags = set(" ".join(line.split(":", 1)[1] for line in info.read_text().splitlines()
+                             if line.lower().startswith(("flags", "features"))).split())
+        assert cpu["int8_dot_product"] == [f for f in INT8_DOT_FLAGS if f in flags]
+        assert cpu["logical_cores"] == sum(1 for line in info.read_text().splitlines() if line.startswith("processor"))

@@ -312,8 +312,9 @@ def test_dynamic_int8_integer_gemms(tiny_artifacts, decoder_feed, tmp_path):
     want = _session(tiny_artifacts / "onnx" / "decoder.onnx").run(None, feed)[0]
     got = _session(d / "decoder.onnx").run(None, feed)[0]
     max_abs, cos = _cmp(want, got)
-    # activations quantized per tensor: coarser than the block-wise int8 above (measured cosine 0.998 on random weights)
-    assert cos > 0.995 and 1e-4 < max_abs < 0.5, (max_abs, cos)
+    # activations quantized per tensor: coarser than the block-wise int8 above (measured cosine 0.998 on random weights,
+    # with VNNI; a CPU without it runs u8s8 through 16-bit pair sums that can saturate, hence the margin)
+    assert cos > 0.99 and 1e-4 < max_abs < 0.5, (max_abs, cos)
     v = quantize_component(d / "vision_encoder.onnx", 8, method="dynamic")
     assert v["quantized_matmuls"] == v["weight_matmuls"] == 9 and v["gemm_rewritten"] > 0
     with pytest.raises(ValueError, match="8-bit only"):

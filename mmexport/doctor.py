@@ -166,7 +166,7 @@ CPUINFO = Path("/proc/cpuinfo")
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
 
-def _cpu(cpuinfo: Path = CPUINFO) -> dict[str, Any]:
+def cpu_info(cpuinfo: Path = CPUINFO) -> dict[str, Any]:
     """The CPU's model, logical cores and int8 dot-product support, read from /proc/cpuinfo (Linux)."""
     info: dict[str, Any] = {"model": platform.processor() or None, "logical_cores": None, "int8_dot_product": []}
     try:
@@ -275,7 +275,7 @@ def doctor() -> dict[str, Any]:
         "tensorrt": flavors,
         "cuda": cuda,
         "jetson": _jetson(),
-        "cpu": _cpu(),
+        "cpu": cpu_info(),
         "capabilities": caps,
     }
 

@@ -7,10 +7,7 @@ tests/test_moe_decoder.py."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
+from parity import parallel_builds
 
 # Other dimensions than aria-tiny: 98-pixel patches (5x5 per 490 crop), split_image with 490-pixel crops, three ViT
 # layers with features from the second-to-last, an untied 3-layer decoder with 6 experts (top-3) and 2 shared ones.
@@ -70,14 +68,7 @@ def builds(cache_dir, adapter, other, tmp_path_factory) -> dict[str, Path]:
         "tiny-fp16": ("build", "aria-tiny", "--precision", "fp16"),
         "other": ("build", other, "--max-context", "512"),
     }
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "mmexport", *map(str, args), "--out", str(root / name)], cwd=REPO,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, args in jobs.items()}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"build {name}: exit {proc.returncode}\n{out}\n{err}"
-    return {name: root / name for name in jobs}
+    return parallel_builds(jobs, root)
 
 
 @pytest.fixture(scope="module")

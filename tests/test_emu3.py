@@ -6,16 +6,14 @@ fp16 (codes compared; fp16 flips counted), a second checkpoint of other dimensio
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
+from parity import parallel_builds
 
 # Other dimensions than recipes/emu3-tiny.toml: a 300-entry codebook of 6-wide codes (tiny: 256 x 4), 5 latent
 # channels, widths 32/64/32/64 with two residual blocks per level (tiny: 32 everywhere, one), 4 frames per still
@@ -71,14 +69,7 @@ def builds(cache_dir, second_checkpoint, tmp_path_factory) -> dict[str, Path]:
         "tiny-fp16": ("build", "emu3-tiny", "--precision", "fp16"),
         "second": ("build", second_checkpoint),
     }
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "mmexport", *map(str, args), "--out", str(root / name)], cwd=REPO,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, args in jobs.items()}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=1200)
-        assert proc.returncode == 0, f"build {name}: exit {proc.returncode}\n{out}\n{err}"
-    return {name: root / name for name in jobs}
+    return parallel_builds(jobs, root, timeout=1200)
 
 
 @pytest.fixture(scope="module")

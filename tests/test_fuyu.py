@@ -9,13 +9,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
+from parity import parallel_builds
 
 GOLDEN = REPO / "tests" / "data" / "fuyu_golden.npz"
 
@@ -75,14 +75,7 @@ def builds(cache_dir, second_checkpoint, tmp_path_factory) -> dict[str, Path]:
         "tiny-fp16": ("build", "fuyu-tiny", "--precision", "fp16"),
         "second": ("build", second_checkpoint),
     }
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "mmexport", *map(str, args), "--out", str(root / name)], cwd=REPO,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, args in jobs.items()}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"build {name}: exit {proc.returncode}\n{out}\n{err}"
-    return {name: root / name for name in jobs}
+    return parallel_builds(jobs, root)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ tokens (torch blocked) equal transformers' greedy `generate` with two images and
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
+from parity import parallel_builds
 
 # HuggingFaceTB/SmolVLM-256M-Instruct's preprocessor_config.json (the image keys) and Idefics3-8B-Llama3's
 REAL = {
@@ -72,14 +70,7 @@ def builds(cache_dir, other_checkpoint, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("build")
     jobs = {"tiny": ("build", "smolvlm-tiny"), "tiny-fp16": ("build", "smolvlm-tiny", "--precision", "fp16"),
             "other": ("build", other_checkpoint, "--max-context", "1024")}
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "mmexport", *map(str, args), "--out", str(root / name)], cwd=REPO,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, args in jobs.items()}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"build {name}: exit {proc.returncode}\n{out}\n{err}"
-    return {name: root / name for name in jobs}
+    return parallel_builds(jobs, root)
 
 
 # -- host side against transformers -------------------------------------------------------------------

@@ -7,10 +7,7 @@ head) built without a recipe, whose `mmexport run` tokens (torch blocked) equal 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
+from parity import parallel_builds
 
 # OpenGVLab/InternVL3-1B-hf's preprocessor_config.json (image keys); InternVLProcessor turns crop_to_patches on
 REAL = dict(size={"height": 448, "width": 448}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
@@ -64,14 +62,7 @@ def builds(cache_dir, other_checkpoint, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("build")
     jobs = {"tiny": ("build", "internvl-tiny"), "tiny-fp16": ("build", "internvl-tiny", "--precision", "fp16"),
             "other": ("build", other_checkpoint, "--max-context", "1024")}
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "mmexport", *map(str, args), "--out", str(root / name)], cwd=REPO,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, args in jobs.items()}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"build {name}: exit {proc.returncode}\n{out}\n{err}"
-    return {name: root / name for name in jobs}
+    return parallel_builds(jobs, root)
 
 
 # -- shared tiling pieces against transformers ------------------------------------------------------------

@@ -356,19 +356,19 @@ def test_render_doctor():
 
 def test_doctor_reads_the_cpus_int8_dot_products(tmp_path: Path):
     """The CPU line: model, cores and the int8 dot-product flags /proc/cpuinfo lists (x86 'flags', Arm 'Features')."""
-    from mmexport.doctor import INT8_DOT_FLAGS, _cpu, doctor
+    from mmexport.doctor import INT8_DOT_FLAGS, cpu_info, doctor
 
     x86 = tmp_path / "x86"
     x86.write_text("processor\t: 0\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n\n"
                    "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
-    assert _cpu(x86) == {"model": "AMD EPYC", "logical_cores": 2, "int8_dot_product": ["avx512_vnni"]}
+    assert cpu_info(x86) == {"model": "AMD EPYC", "logical_cores": 2, "int8_dot_product": ["avx512_vnni"]}
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n\nprocessor\t: 1\nFeatures\t: fp asimd asimddp\n")
-    assert _cpu(arm)["int8_dot_product"] == ["asimddp"] and _cpu(arm)["logical_cores"] == 2
+    assert cpu_info(arm)["int8_dot_product"] == ["asimddp"] and cpu_info(arm)["logical_cores"] == 2
     old = tmp_path / "old"
     old.write_text("processor\t: 0\nmodel name\t: Old\nflags\t\t: fpu sse avx2\n")
-    assert _cpu(old)["int8_dot_product"] == []
-    assert _cpu(tmp_path / "missing")["int8_dot_product"] == []
+    assert cpu_info(old)["int8_dot_product"] == []
+    assert cpu_info(tmp_path / "missing")["int8_dot_product"] == []
     # this machine: what /proc/cpuinfo says, if it is there
     cpu = doctor()["cpu"]
     info = Path("/proc/cpuinfo")

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
+from parity import parallel_builds
 
 sys.path.insert(0, str(REPO / "scripts"))
 import molmo2_golden as golden  # noqa: E402
@@ -166,14 +167,7 @@ def builds(checkpoint, other, tmp_path_factory) -> dict[str, Path]:
         "tiny-fp16": ("build", "molmo2-tiny", "--precision", "fp16"),
         "other": ("build", other, "--max-context", "1024"),
     }
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "mmexport", *map(str, args), "--out", str(root / name)], cwd=REPO,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, args in jobs.items()}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=1200)
-        assert proc.returncode == 0, f"build {name}: exit {proc.returncode}\n{out}\n{err}"
-    return {name: root / name for name in jobs}
+    return parallel_builds(jobs, root, timeout=1200)
 
 
 @pytest.fixture(scope="module")

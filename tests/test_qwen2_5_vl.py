@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
+from parity import parallel_builds
 
 # Other dimensions than recipes/qwen2.5-vl-tiny.toml: GQA 3:1 (tiny 2:1), an untied LM head, 5 ViT blocks with
 # full attention in 0 and 3 (tiny: 3 blocks, 1), 3x3-unit windows (tiny 2x2), 3 decoder layers, other widths.
@@ -74,14 +72,7 @@ def builds(cache_dir, second_checkpoint, tmp_path_factory) -> dict[str, Path]:
         "tiny-fp16": ("build", "qwen2.5-vl-tiny", "--precision", "fp16"),
         "second": ("build", second_checkpoint),
     }
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "mmexport", *map(str, args), "--out", str(root / name)], cwd=REPO,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, args in jobs.items()}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"build {name}: exit {proc.returncode}\n{out}\n{err}"
-    return {name: root / name for name in jobs}
+    return parallel_builds(jobs, root)
 
 
 @pytest.fixture(scope="module")

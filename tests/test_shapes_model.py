@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from mmexport.doctor import cpu_info
 from mmexport.tasks import shapes
 
 from conftest import REPO, run_cli
@@ -69,19 +70,12 @@ def test_verify_task_fp32(shapes_artifacts, tmp_path):
     assert set(task["per_kind"]) == set(shapes.KINDS)
 
 
-def _cpu_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags
-
-
 # Dynamic int8 of the vision tower and decoder: on the recipe's 200 held-out examples it answered 98.0 % against
 # PyTorch's 98.5 % (one question in 80 flips, so the 80-example subset would not judge it fairly); its integer
 # GEMM (u8s8) is exact with VNNI, and can saturate on CPUs without it, so it is judged where VNNI is present.
 DYNAMIC = pytest.param(("--quantize", "int8", "--quant-method", "dynamic", "--quantize-vision"), id="int8-dynamic-with-vision",
-                       marks=pytest.mark.skipif(not _cpu_has_vnni(), reason="dynamic int8 is judged on a CPU with VNNI"))
+                       marks=pytest.mark.skipif(not {"avx512_vnni", "avx_vnni"} & set(cpu_info()["int8_dot_product"]),
+                                                reason="dynamic int8 is judged on a CPU with VNNI"))
 
 
 @pytest.mark.parametrize("flags", [pytest.param(("--precision", "fp16"), id="fp16"), pytest.param(("--quantize", "int8"), id="int8"),

@@ -8,6 +8,7 @@ their processors from these; tests compare each family's result with transformer
 """
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, fields
 from typing import Any, Sequence
 
@@ -362,3 +363,31 @@ def resize_bilinear_aa_uint8(hwc: np.ndarray, height: int, width: int, flavour: 
     if height != hwc.shape[0]:
         out = _resample_axis(out, height, 0, flavour)
     return out
+
+
+MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses longer sides than this many times the shorter
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The (height, width) Qwen2-VL and Emu3 resize an image to.
+
+    Both sides become multiples of `factor`, the pixel count lands in [min_pixels, max_pixels] and the aspect
+    ratio is kept as well as possible. Identical to transformers' `smart_resize`, including Python's `round`
+    (round half to even). Raises ValueError when the aspect ratio exceeds 200.
+    """
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, "
+            f"got {max(height, width) / min(height, width)}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar

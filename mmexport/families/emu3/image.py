@@ -10,15 +10,15 @@ only Emu3 image processor) for one image, step for step:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ...errors import UserError
-from ...runtime.imageops import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ParamsDict, image_chw, rescale_normalize, resized_chw, triple
+from ...runtime.imageops import (MAX_ASPECT_RATIO, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ParamsDict, image_chw, rescale_normalize,
+                                 resized_chw, smart_resize, triple)
 
-__all__ = ["Emu3ImageParams", "Emu3EncodedImage", "smart_resize", "preprocess_emu3"]
+__all__ = ["Emu3ImageParams", "Emu3EncodedImage", "preprocess_emu3"]
 
 
 @dataclass(frozen=True)
@@ -62,27 +62,14 @@ class Emu3EncodedImage:
         return int(self.pixel_values.shape[1]), int(self.pixel_values.shape[2])
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """transformers.models.emu3.image_processing_emu3.smart_resize."""
-    if max(height, width) / min(height, width) > 200:
-        raise UserError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
 def preprocess_emu3(image, p: Emu3ImageParams) -> Emu3EncodedImage:
     if not p.do_resize:
         chw = image_chw(image, p.do_convert_rgb)
     else:
-        h, w = smart_resize(image.height, image.width, p.spatial_factor, p.min_pixels, p.max_pixels)
+        try:
+            h, w = smart_resize(image.height, image.width, p.spatial_factor, p.min_pixels, p.max_pixels)
+        except ValueError:
+            raise UserError(f"image of {image.width}x{image.height} pixels: this model accepts an aspect ratio of at most "
+                            f"{MAX_ASPECT_RATIO}:1 (crop or pad the image)") from None
         chw = resized_chw(image, h, w, p.resample, p.do_convert_rgb)
     return Emu3EncodedImage(np.ascontiguousarray(rescale_normalize(chw, p), dtype=np.float32))

@@ -16,7 +16,6 @@ preprocessor_config.json).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from ...errors import UserError
-from ...runtime.imageops import ParamsDict, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patchify_merge_blocks, rescale_normalize, resized_chw, triple
+from ...runtime.imageops import (MAX_ASPECT_RATIO, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ParamsDict, patchify_merge_blocks, rescale_normalize,
+                                 resized_chw, smart_resize, triple)
 
 __all__ = ["Qwen2VLImageParams", "smart_resize", "preprocess_image"]
 
@@ -36,7 +36,6 @@ _DEFAULT_TEMPORAL_PATCH_SIZE = 2
 _DEFAULT_MERGE_SIZE = 2
 _DEFAULT_RESAMPLE = 3  # PIL.Image.Resampling.BICUBIC
 
-_MAX_ASPECT_RATIO = 200
 
 
 @dataclass(frozen=True)
@@ -102,31 +101,6 @@ class Qwen2VLImageParams(ParamsDict):
         )
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """The (height, width) Qwen2-VL resizes an image to.
-
-    Both sides become multiples of `factor`, the pixel count lands in [min_pixels, max_pixels] and the aspect
-    ratio is kept as well as possible. Identical to transformers' `smart_resize`, including Python's `round`
-    (round half to even). Raises ValueError when the aspect ratio exceeds 200.
-    """
-    if max(height, width) / min(height, width) > _MAX_ASPECT_RATIO:
-        raise ValueError(
-            f"absolute aspect ratio must be smaller than {_MAX_ASPECT_RATIO}, "
-            f"got {max(height, width) / min(height, width)}"
-        )
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
 def preprocess_image(image: Image.Image, params: Qwen2VLImageParams) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One image -> (pixel_values float32 [grid_h * grid_w, C * T * P * P], (1, grid_h, grid_w)).
 
@@ -144,7 +118,7 @@ def preprocess_image(image: Image.Image, params: Qwen2VLImageParams) -> tuple[np
         ratio = max(height, width) / min(height, width)
         raise UserError(
             f"image of {width}x{height} pixels has an aspect ratio of {ratio:.1f}:1; "
-            f"this model accepts at most {_MAX_ASPECT_RATIO}:1 (crop or pad the image)"
+            f"this model accepts at most {MAX_ASPECT_RATIO}:1 (crop or pad the image)"
         ) from None
     chw = rescale_normalize(resized_chw(image, new_h, new_w, params.resample, params.do_convert_rgb), params)
     pixel_values = patchify_merge_blocks(chw, params.patch_size, params.merge_size, params.temporal_patch_size)

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import Terminated, UserError, VerificationFailed
+from .errors import Terminated, UserError, VerificationFailed, on_sigterm
 
 app = typer.Typer(
     name="mmexport",
@@ -490,10 +490,6 @@ def _first_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 def _click_classes(name: str) -> tuple[type, ...]:
     """The Click exception class `name` as Typer raises it: recent Typer vendors Click (typer._click),
     older Typer uses the click package; both are caught."""
@@ -566,7 +562,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if sys.stdout is None:  # started with stdout closed (`>&-`)
         _say("standard output is closed")
         sys.exit(2)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="surrogateescape")  # paths that are not UTF-8 print as their own bytes
     real_stdout = sys.stdout

@@ -230,6 +230,38 @@ def test_sigterm_mid_build_cleans_up_at_once(cache_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_inside_library_code_is_deferred_to_its_end_and_a_second_one_is_not():
+    """torch's ONNX exporter swallows an exception raised through it (and has crashed on one): a SIGTERM inside
+    deferred_termination() waits for the block to end; a second one raises at once; one swallowed still counts."""
+    script = r"""
+import os, signal, sys, time
+from mmexport.errors import Terminated, check_terminated, deferred_termination, on_sigterm
+signal.signal(signal.SIGTERM, on_sigterm)
+steps = []
+try:
+    with deferred_termination():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        steps.append("finished the block")
+except Terminated:
+    steps.append("terminated after it")
+try:
+    with deferred_termination():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        steps.append("not here")
+except Terminated:
+    steps.append("second: at once")
+try:
+    check_terminated()
+except Terminated:
+    steps.append("checked")
+print(",".join(steps))
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.stdout.strip() == "finished the block,terminated after it,second: at once,checked", p.stderr
+
+
 # == Integrity and path safety ==============================================================================
 @pytest.mark.parametrize("case", ["dotdot", "absolute", "not-normalized", "symlink-out", "unhashed-component", "unhashed-template",
                                   "no-files"])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from ..errors import UserError
+from ..errors import UserError, check_terminated, deferred_termination
 from ..artifact.destination import Destination
 from ..checkpoints import resolve_source, weights_digest
 from ..families import get_adapter
@@ -103,7 +103,7 @@ def _build_into(dest: Destination, recipe: Recipe, model: str | None, precision:
     comps: dict[str, Any] = {}
     result = BuildResult(out_dir)
     for comp in adapter.components(torch_model, recipe, model_dir):
-        with stage(f"export {comp.spec.name}"):
+        with stage(f"export {comp.spec.name}"), deferred_termination():  # torch's exporter may swallow SIGTERM
             t1 = time.perf_counter()
             path = export_component(comp, tmp / "onnx", recipe.opset, log=log)
             if precision == "fp16":
@@ -163,6 +163,7 @@ def _build_into(dest: Destination, recipe: Recipe, model: str | None, precision:
         }
         _normal_permissions(tmp)  # before the hashes are recorded: chmod moves a file's ctime
         write_manifest(tmp, manifest)
+    check_terminated()  # a SIGTERM that library code swallowed still stops the build before anything is installed
     dest.install(tmp)
     return result
 

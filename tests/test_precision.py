@@ -72,13 +72,15 @@ def test_fp16_build_keeps_fp32_islands_and_verifies(cache_dir, tmp_path):
 
 def test_int8_build_verifies_against_its_gate_and_int4_needs_a_stated_gate(cache_dir, tmp_path):
     out = tmp_path / "int8"
-    run_cli("build", "qwen2-vl-tiny", "--quantize", "int8", "--out", out)
+    run_cli("build", "qwen2-vl-tiny", "--quantize", "int8", "--quant-block-size", "64", "--out", out)
     m = json.loads((out / "manifest.json").read_text())
     q = m["quantization"]
     assert q["scheme"] == "int8" and q["bits"] == 8 and set(q["components"]) == {"decoder"}
     assert q["components"]["decoder"]["quantized_matmuls"] > 0
-    ops = {n.op_type for n in onnx.load(str(out / "onnx" / "decoder.onnx"), load_external_data=False).graph.node}
-    assert "MatMulNBits" in ops
+    assert q["block_size"] == 64 and q["components"]["decoder"]["block_size"] == 64
+    nbits = [n for n in onnx.load(str(out / "onnx" / "decoder.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert nbits and all(onnx.helper.get_attribute_value(a) == 64 for n in nbits for a in n.attribute if a.name == "block_size")
     rep = json.loads(run_cli("verify", out, "--json").stdout)
     assert rep["passed"], rep["failures"]
     assert rep["precision"] == "fp32+int8"
@@ -107,3 +109,12 @@ def test_int8_build_verifies_against_its_gate_and_int4_needs_a_stated_gate(cache
     assert "dynamic quantization takes an fp32 build" in p.stderr and not (tmp_path / "v").exists()
     p = run_cli("build", "qwen2-vl-shapes", "--quantize", "int8", "--quant-method", "gptq", "--out", tmp_path / "v", check=2)
     assert "blockwise, dynamic" in p.stderr
+    # blocks: a power of two >= 16, of blockwise quantization only
+    for bad in ("48", "8"):
+        p = run_cli("build", "qwen2-vl-shapes", "--quantize", "int4", "--quant-block-size", bad, "--out", tmp_path / "v", check=2)
+        assert "power of two, at least 16" in p.stderr and not (tmp_path / "v").exists()
+    p = run_cli("build", "qwen2-vl-shapes", "--quantize", "int8", "--quant-method", "dynamic", "--quant-block-size", "64",
+                "--out", tmp_path / "v", check=2)
+    assert "per channel, without blocks" in p.stderr
+    p = run_cli("build", "qwen2-vl-shapes", "--quant-block-size", "64", "--out", tmp_path / "v", check=2)
+    assert "--quant-block-size goes with --quantize" in p.stderr

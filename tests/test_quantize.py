@@ -292,6 +292,13 @@ def test_asymmetric_weights_with_zero_points(quantized, tmp_path, bits, min_cos)
     assert _cmp(ref, _session(tmp_path / "vision_encoder.onnx").run(None, feed)[0])[1] > min_cos
 
 
+def quantized_int4_decoder(tiny_artifacts, tmp_path) -> Path:
+    d = tmp_path / "int4"
+    shutil.copytree(tiny_artifacts / "onnx", d)
+    quantize_component(d / "decoder.onnx", 4)
+    return d / "decoder.onnx"
+
+
 def test_dynamic_int8_integer_gemms(tiny_artifacts, decoder_feed, tmp_path):
     """method="dynamic": every weight MatMul becomes an integer GEMM (MatMulInteger on per-channel int8 weights,
     activations quantized per tensor at run time), the interface is unchanged, the outputs stay close; 8-bit only."""
@@ -315,6 +322,14 @@ def test_dynamic_int8_integer_gemms(tiny_artifacts, decoder_feed, tmp_path):
     # activations quantized per tensor: coarser than the block-wise int8 above (measured cosine 0.998 on random weights,
     # with VNNI; a CPU without it runs u8s8 through 16-bit pair sums that can saturate, hence the margin)
     assert cos > 0.99 and 1e-4 < max_abs < 0.5, (max_abs, cos)
+    # bench --profile's weight kernels alone: each integer GEMM goes with its run-time quantizer and scale, as ONNX
+    # Runtime fuses them, and reads the stored weights where they are
+    from mmexport.bench.profile import _weight_nodes, weight_kernels_alone
+
+    for path in (d / "decoder.onnx", quantized_int4_decoder(tiny_artifacts, tmp_path)):
+        a = weight_kernels_alone(path, runs=3, warmup=1)
+        w = _weight_nodes(path)
+        assert a["nodes"] == len(w) == 9 and a["weight_bytes"] == sum(x[3] for x in w.values()) and a["ms"] > 0
     v = quantize_component(d / "vision_encoder.onnx", 8, method="dynamic")
     assert v["quantized_matmuls"] == v["weight_matmuls"] == 9 and v["gemm_rewritten"] > 0
     with pytest.raises(ValueError, match="8-bit only"):

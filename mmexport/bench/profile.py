@@ -8,7 +8,13 @@ Two views of the same request (the bench image and prompt, greedy, EOS ignored),
 - inside the decoder's run, ONNX Runtime's profiler (a second decoder session with profiling on, swapped
   into the same pipeline): kernel time per op type, and per weight-reading MatMul shape its time and the
   GB/s its weight bytes imply. The profiler adds a fixed cost per kernel, so its run time is longer than
-  the unprofiled step; the table shows both.
+  the unprofiled step; the table shows both;
+- the weight kernels alone: the decoder's weight-reading nodes (MatMul / Gemm / MatMulNBits / MatMulInteger
+  on a stored weight), cut out into a graph of their own that reads the same stored weights (no copy), run
+  unprofiled with the decoder's session options on one decode row. Its time is the floor ONNX Runtime's
+  kernels put under a decode step, and its GB/s next to the machine's read bandwidth (measured here, same
+  threads, over the same bytes) says how much of a gap to the bandwidth limit is the weight kernels' own
+  and how much is the rest of the graph (attention, norms, rotary, reshapes and the ~1,000 small kernels).
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ class DecodeProfile:
     nodes_per_step: int
     ops: list[dict[str, Any]] = field(default_factory=list)  # op type: ms per step, kernels per step
     weights: list[dict[str, Any]] = field(default_factory=list)  # MatMul shape: ms per step, bytes, GB/s
+    weights_alone: dict[str, Any] | None = None  # the weight kernels as a graph of their own (weight_kernels_alone)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +69,105 @@ def _weight_nodes(onnx_path: Path) -> dict[str, tuple[str, int, int, int]]:
             b = sum(sizes[i][1] for i in n.input[1:] if i in sizes)
             out[n.name] = (f"MatMulNBits {attrs.get('bits', 4)}-bit", int(attrs["K"]), int(attrs["N"]), b)
     return out
+
+
+def weight_kernels_alone(onnx_path: Path, component: str = "decoder", runs: int = 30, warmup: int = 5,
+                         threads: int | None = None) -> dict[str, Any] | None:
+    """Time the graph's weight-reading nodes on their own (one row of input each, as a batch-1 decode step
+    feeds them): {"ms", "nodes", "weight_bytes", "gbps"} (median of `runs`). The nodes keep their stored
+    weights where they are (the cut-out graph is loaded from memory with the artifact's onnx/ folder as its
+    external-data folder); every other input of theirs (activations, a dynamic quantizer's zero point) is a
+    graph input fed random data. None when the graph has no such node."""
+    import time
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from ..runtime.backends import ort_session_options
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    shapes = _weight_nodes(onnx_path)
+    graph_nodes = list(model.graph.node)  # one wrapper per node, so id() names it
+    order = {id(n): i for i, n in enumerate(graph_nodes)}
+    producer = {o: n for n in graph_nodes for o in n.output}
+    consumers: dict[str, list] = defaultdict(list)
+    for n in graph_nodes:
+        for i in n.input:
+            consumers[i].append(n)
+    # A dynamically quantized MatMul is DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(scale), which ONNX
+    # Runtime fuses into one kernel: the neighbours go with it (alone, MatMulInteger runs a slow generic path).
+    picked: dict[int, Any] = {}  # graph order -> node
+    widths: dict[str, int] = {}  # float activation inputs -> K
+    for n in graph_nodes:
+        if n.name not in shapes:
+            continue
+        k = shapes[n.name][1]
+        picked[order[id(n)]] = n
+        src = producer.get(n.input[0])
+        if n.op_type == "MatMulInteger" and src is not None and src.op_type == "DynamicQuantizeLinear":
+            picked[order[id(src)]] = src
+            widths[src.input[0]] = k
+            out = n.output[0]
+            for _ in range(2):
+                nxt = consumers.get(out, [])
+                if len(nxt) != 1 or nxt[0].op_type not in ("Cast", "Mul"):
+                    break
+                picked[order[id(nxt[0])]] = nxt[0]
+                if nxt[0].op_type == "Mul":
+                    for i in nxt[0].input:
+                        sp = producer.get(i)
+                        if sp is not None and sp.op_type == "Mul":
+                            picked[order[id(sp)]] = sp
+                out = nxt[0].output[0]
+        else:
+            widths[n.input[0]] = k
+    made = {o for n in picked.values() for o in n.output}
+    nodes = [picked[i] for i in sorted(picked)]
+    inputs, used, feeds = {}, {}, {}
+    rng = np.random.default_rng(0)
+    np_types = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+    for n in nodes:
+        for i, name in enumerate(n.input):
+            if not name or name in made or name in inputs:
+                continue
+            if name in inits:
+                used[name] = inits[name]
+                continue
+            if name not in widths:  # not an activation row: nothing this cut-out graph can feed honestly
+                return None
+            if n.op_type == "MatMulNBits":
+                et = inits[n.input[2]].data_type
+            elif n.op_type in ("MatMul", "Gemm"):
+                et = inits[n.input[1]].data_type
+            else:
+                et = TensorProto.FLOAT
+            if et not in np_types:
+                return None
+            inputs[name] = helper.make_tensor_value_info(name, et, [1, widths[name]])
+            feeds[name] = (rng.standard_normal((1, widths[name])) * 0.5).astype(np_types[et])
+    outputs = [onnx.ValueInfoProto(name=o) for n in nodes for o in n.output
+               if o and not any(order[id(c)] in picked for c in consumers.get(o, []))]
+    if not nodes:
+        return None
+    graph = helper.make_graph(nodes, "weight_kernels_alone", list(inputs.values()), outputs, list(used.values()))
+    cut = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    so = ort_session_options(component, threads)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(onnx_path).parent))
+    sess = ort.InferenceSession(cut.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    del sess
+    ms = float(np.median(times)) * 1e3
+    nbytes = sum(shapes[n.name][3] for n in nodes if n.name in shapes)
+    return {"ms": ms, "nodes": sum(n.name in shapes for n in nodes), "weight_bytes": nbytes, "gbps": nbytes / 1e9 / (ms / 1e3)}
 
 
 def profile_decode(artifact_dir: Path | str, images: list, prompt: str, steps: int = 32, backend: str = "ort",
@@ -104,6 +210,13 @@ def profile_decode(artifact_dir: Path | str, images: list, prompt: str, steps: i
             prof.deactivate()
     finally:
         pipe.close()
+    from .limits import measure_read_bandwidth
+
+    alone = weight_kernels_alone(path)
+    if alone:
+        alone["read_gbps"] = measure_read_bandwidth(alone["weight_bytes"], runtime_threads())
+        alone["percent_of_read"] = 100 * alone["gbps"] / alone["read_gbps"]
+        alone["rest_ms"] = max(host["decoder run"] - alone["ms"], 0.0)
 
     runs = [e for e in trace if e.get("name") == "model_run"]
     runs = runs[1:]  # the first run is the prefill
@@ -134,7 +247,7 @@ def profile_decode(artifact_dir: Path | str, images: list, prompt: str, steps: i
     return DecodeProfile(
         artifacts=str(artifact_dir), steps=done, prompt_tokens=res.prompt_tokens, threads=runtime_threads(),
         step_ms=t["decode"] / done, host_ms=host, profiled_run_ms=sum(r["dur"] for r in runs) / k / 1e3,
-        kernels_ms=kernel_ms, nodes_per_step=len(kernels) // k, ops=ops, weights=weights,
+        kernels_ms=kernel_ms, nodes_per_step=len(kernels) // k, ops=ops, weights=weights, weights_alone=alone,
     )
 
 
@@ -161,3 +274,9 @@ def render_profile(p: DecodeProfile, console) -> None:
         for w in p.weights:
             t.add_row(w["op"], f"{w['K']} x {w['N']}", str(w["nodes"]), f"{w['ms']:.3f}", f"{w['mb']:.1f}", f"{w['gbps']:.1f}")
         console.print(t)
+    a = p.weights_alone
+    if a:
+        console.print(f"weight kernels alone ({a['nodes']} nodes, {a['weight_bytes'] / 1e6:.0f} MB, unprofiled): "
+                      f"{a['ms']:.2f} ms = {a['gbps']:.1f} GB/s, {a['percent_of_read']:.0f} % of this machine's read "
+                      f"bandwidth ({a['read_gbps']:.1f} GB/s); the rest of the decoder's run: {a['rest_ms']:.2f} ms "
+                      f"of {p.host_ms['decoder run']:.2f}", highlight=False)

@@ -51,18 +51,20 @@ def build(
     destination: Destination | None = None,
     quantize_vision: bool = False,
     quant_method: str | None = None,
+    quant_block_size: int | None = None,
 ) -> BuildResult:
     """Export every component of `recipe` into `out_dir`. `stage(name)` is a context-manager factory for progress.
     `destination`: an entered `Destination` for `out_dir` when the caller holds its lock for longer
     (the CLI keeps it across `--engines`); by default the build takes it for itself. `quantize_vision`: with
     `quantize`, the vision encoder and projector too (as the recipe's `[export] quantize_vision`); `quant_method`:
-    blockwise or dynamic (as `[export] quant_method`, default blockwise)."""
+    blockwise or dynamic (as `[export] quant_method`, default blockwise); `quant_block_size`: weights per scale of
+    blockwise quantization (as `[export] quant_block_size`, default 32)."""
     t0 = time.perf_counter()
     stage = stage or _null_stage
     precision = precision or recipe.precision
     if precision not in recipe.tolerances:
         raise UserError(f"recipe {recipe.name} has no tolerances for precision {precision!r}")
-    qcfg = _quant_config(recipe, quantize, quantize_vision, quant_method)
+    qcfg = _quant_config(recipe, quantize, quantize_vision, quant_method, quant_block_size)
     if qcfg and qcfg["method"] == "dynamic" and precision != "fp32":
         raise UserError(f"dynamic quantization takes an fp32 build, not {precision}")
     with (nullcontext(destination) if destination is not None else Destination(out_dir, force=force, log=log)) as dest:
@@ -184,12 +186,12 @@ def vision_gate(scheme: str) -> str:
 
 
 def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = False,
-                  quant_method: str | None = None) -> dict[str, Any] | None:
+                  quant_method: str | None = None, block_size: int | None = None) -> dict[str, Any] | None:
     """Weight-only quantization settings from the recipe's [export] table (None: not quantized). Quantized vision
     components have a gate of their own, `[tolerances.<scheme>_vision]`: without one they are not built."""
     if quantize is None:
-        if quant_method is not None:
-            raise UserError("--quant-method goes with --quantize int8|int4")
+        if quant_method is not None or block_size is not None:
+            raise UserError(f"{'--quant-method' if quant_method is not None else '--quant-block-size'} goes with --quantize int8|int4")
         return None
     from .quantize import QUANT_METHODS, QUANT_NAMES
 
@@ -203,6 +205,11 @@ def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = 
         raise UserError(f"the quantization method must be one of {', '.join(QUANT_METHODS)}, got {method!r}")
     if method == "dynamic" and QUANT_NAMES[quantize] != 8:
         raise UserError(f"dynamic quantization is 8-bit: --quantize int8, not {quantize}")
+    if method == "dynamic" and block_size is not None:
+        raise UserError("dynamic quantization is per channel, without blocks: --quant-block-size goes with --quant-method blockwise")
+    block_size = int(block_size if block_size is not None else exp.get("quant_block_size", 32))
+    if block_size < 16 or block_size & (block_size - 1):
+        raise UserError(f"the quantization block size must be a power of two, at least 16, got {block_size}")
     comps = ["decoder"]
     if quantize_vision or exp.get("quantize_vision", False):
         if vision_gate(quantize) not in recipe.tolerances:
@@ -217,7 +224,7 @@ def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = 
         "method": method,
         "tool": ("onnxruntime MatMulNBitsQuantizer (weight-only, block-wise RTN)" if method == "blockwise" else
                  "onnxruntime quantize_dynamic (per-channel int8 weights, uint8 activations per tensor at run time)"),
-        "block_size": int(exp.get("quant_block_size", 32)),
+        "block_size": block_size,
         "symmetric": bool(exp.get("quant_symmetric", True)),
         "lm_head": bool(exp.get("quantize_lm_head", True)),
         "embeddings": bool(exp.get("quantize_embeddings", False)),

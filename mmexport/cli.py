@@ -94,6 +94,7 @@ def build_cmd(
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4: weight-only MatMul quantization (ONNX Runtime only).")] = None,
     quantize_vision: Annotated[bool, typer.Option("--quantize-vision", help="With --quantize: the vision encoder and projector too (judged by the recipe's [tolerances.SCHEME_vision]).")] = False,
     quant_method: Annotated[Optional[str], typer.Option("--quant-method", help="With --quantize: blockwise (weight-only MatMulNBits, for decode) or dynamic (int8 only: integer GEMMs, for prefill and vision) [default: the recipe's, or blockwise].")] = None,
+    vision_quant_method: Annotated[Optional[str], typer.Option("--vision-quant-method", help="With --quantize-vision: the vision encoder's and projector's own method, e.g. dynamic (int8 integer GEMMs, fast prefill of an image) beside a blockwise int4 decoder [default: --quant-method].")] = None,
     quant_block_size: Annotated[Optional[int], typer.Option("--quant-block-size", help="With --quantize (blockwise): weights per scale, a power of two >= 16; larger blocks read fewer bytes per token and lose more accuracy [default: the recipe's, or 32].")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Decoder rows per call (`serve` batches that many requests) [default: the recipe's, or 8].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
@@ -132,7 +133,7 @@ def build_cmd(
     with Destination(dest, force=force, log=_log) as destination:  # locked across the export and the engines
         res = build(r, dest, model=model, precision=precision, quantize=quantize, force=force, log=_log, stage=_stage,
                     destination=destination, quantize_vision=quantize_vision, quant_method=quant_method,
-                    quant_block_size=quant_block_size)
+                    quant_block_size=quant_block_size, vision_quant_method=vision_quant_method)
         if engines:
             from .engines.commands import build_engines
 
@@ -242,6 +243,7 @@ def bench_cmd(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the latency breakdown as a PNG.")] = None,
     concurrency: Annotated[Optional[str], typer.Option("--concurrency", help="Serving benchmark instead: N concurrent streams against the batching engine, e.g. 1,4,8.")] = None,
     requests: Annotated[int, typer.Option("--requests", min=1, help="With --concurrency: requests each stream sends, one after the other.")] = 2,
+    vision_quant_method: Annotated[Optional[str], typer.Option("--vision-quant-method", help="With --quantize-vision: the vision encoder's and projector's own method, e.g. dynamic (int8 integer GEMMs, fast prefill of an image) beside a blockwise int4 decoder [default: --quant-method].")] = None,
     quant_block_size: Annotated[Optional[int], typer.Option("--quant-block-size", help="With --quantize (blockwise): weights per scale, a power of two >= 16; larger blocks read fewer bytes per token and lose more accuracy [default: the recipe's, or 32].")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="With --concurrency: engine slots [default: the build's max_batch].")] = None,
     limits: Annotated[bool, typer.Option("--limits/--no-limits", help="Measure this machine's read bandwidth and GEMM peak and report decode, prefill and vision as a share of them.")] = True,
@@ -300,6 +302,7 @@ def serve_cmd(
     artifacts: ArtifactDir,
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback unless told otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    vision_quant_method: Annotated[Optional[str], typer.Option("--vision-quant-method", help="With --quantize-vision: the vision encoder's and projector's own method, e.g. dynamic (int8 integer GEMMs, fast prefill of an image) beside a blockwise int4 decoder [default: --quant-method].")] = None,
     quant_block_size: Annotated[Optional[int], typer.Option("--quant-block-size", help="With --quantize (blockwise): weights per scale, a power of two >= 16; larger blocks read fewer bytes per token and lose more accuracy [default: the recipe's, or 32].")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Requests decoded together [default: the build's max_batch].")] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a slot; more get 429.")] = 64,
@@ -338,6 +341,7 @@ def triton_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Model repository directory (created if needed).")],
     name: Annotated[Optional[str], typer.Option("--name", help="Model name [default: the recipe's name].")] = None,
     instances: Annotated[int, typer.Option("--instances", min=1, help="Model instances (each loads the build and batches its own requests).")] = 1,
+    vision_quant_method: Annotated[Optional[str], typer.Option("--vision-quant-method", help="With --quantize-vision: the vision encoder's and projector's own method, e.g. dynamic (int8 integer GEMMs, fast prefill of an image) beside a blockwise int4 decoder [default: --quant-method].")] = None,
     quant_block_size: Annotated[Optional[int], typer.Option("--quant-block-size", help="With --quantize (blockwise): weights per scale, a power of two >= 16; larger blocks read fewer bytes per token and lose more accuracy [default: the recipe's, or 32].")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Requests each instance decodes together [default: the build's].")] = None,
     backend: Annotated[str, typer.Option("--backend", help="ort or trt (TensorRT engines from `mmexport engines`).")] = "ort",

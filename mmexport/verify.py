@@ -166,7 +166,7 @@ def verify(
 
     def tol_for(component: str):
         if component in quantized and component in VISION_STAGES:  # a quantized vision tower has its own gate
-            return recipe.tolerance(vision_gate(scheme))
+            return recipe.tolerance(vision_gate(quant.get("vision_scheme") or scheme))
         return tol if component in quantized else base_tol
 
     gate = TaskGate.from_recipe(recipe.task, task)

@@ -118,3 +118,11 @@ def test_int8_build_verifies_against_its_gate_and_int4_needs_a_stated_gate(cache
     assert "per channel, without blocks" in p.stderr
     p = run_cli("build", "qwen2-vl-shapes", "--quant-block-size", "64", "--out", tmp_path / "v", check=2)
     assert "--quant-block-size goes with --quantize" in p.stderr
+    # the vision tower's own method: with --quantize-vision; dynamic is int8 and takes an fp32 build
+    p = run_cli("build", "qwen2-vl-shapes", "--quantize", "int4", "--vision-quant-method", "dynamic", "--out", tmp_path / "v", check=2)
+    assert "--vision-quant-method goes with --quantize-vision" in p.stderr
+    p = run_cli("build", "qwen2-vl-shapes", "--quantize", "int4", "--quantize-vision", "--vision-quant-method", "dynamic",
+                "--precision", "fp16", "--out", tmp_path / "v", check=2)
+    assert "dynamic quantization takes an fp32 build" in p.stderr
+    p = run_cli("build", "qwen2-vl-tiny", "--quantize", "int8", "--quantize-vision", "--vision-quant-method", "gptq", "--out", tmp_path / "v", check=2)
+    assert "vision quantization method must be one of blockwise, dynamic" in p.stderr and not (tmp_path / "v").exists()

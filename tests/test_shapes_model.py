@@ -73,13 +73,16 @@ def test_verify_task_fp32(shapes_artifacts, tmp_path):
 # Dynamic int8 of the vision tower and decoder: on the recipe's 200 held-out examples it answered 98.0 % against
 # PyTorch's 98.5 % (one question in 80 flips, so the 80-example subset would not judge it fairly); its integer
 # GEMM (u8s8) is exact with VNNI, and can saturate on CPUs without it, so it is judged where VNNI is present.
-DYNAMIC = pytest.param(("--quantize", "int8", "--quant-method", "dynamic", "--quantize-vision"), id="int8-dynamic-with-vision",
-                       marks=pytest.mark.skipif(not {"avx512_vnni", "avx_vnni"} & set(cpu_info()["int8_dot_product"]),
-                                                reason="dynamic int8 is judged on a CPU with VNNI"))
+VNNI = pytest.mark.skipif(not {"avx512_vnni", "avx_vnni"} & set(cpu_info()["int8_dot_product"]),
+                          reason="dynamic int8 is judged on a CPU with VNNI")
+DYNAMIC = pytest.param(("--quantize", "int8", "--quant-method", "dynamic", "--quantize-vision"), id="int8-dynamic-with-vision", marks=VNNI)
+# each component its best method: dynamic int8 for the vision tower's large GEMMs, block-wise int4 for the decode step
+MIXED = pytest.param(("--quantize", "int4", "--quantize-vision", "--vision-quant-method", "dynamic"), id="int4-with-dynamic-int8-vision",
+                     marks=VNNI)
 
 
 @pytest.mark.parametrize("flags", [pytest.param(("--precision", "fp16"), id="fp16"), pytest.param(("--quantize", "int8"), id="int8"),
-                                   pytest.param(("--quantize", "int4", "--quantize-vision"), id="int4-with-vision"), DYNAMIC])
+                                   pytest.param(("--quantize", "int4", "--quantize-vision"), id="int4-with-vision"), DYNAMIC, MIXED])
 def test_verify_task_other_precisions(cache_dir, tmp_path, flags):
     out = tmp_path / "build"
     run_cli("build", "qwen2-vl-shapes", "--out", out, *flags)
@@ -90,13 +93,19 @@ def test_verify_task_other_precisions(cache_dir, tmp_path, flags):
     assert task["passed"] and task["accuracy"] >= task["reference_accuracy"] - 0.01, task
     if "--quantize-vision" in flags:  # the quantized tower is judged by its own gate, the decoder by the scheme's
         scheme = flags[1]
+        vision_dynamic = "dynamic" in flags
+        vscheme = "int8" if vision_dynamic else scheme
         recipe = tomllib.loads((REPO / "recipes" / "qwen2-vl-shapes.toml").read_text())["tolerances"]
         m = json.loads((out / "manifest.json").read_text())
-        assert {"decoder", "vision_encoder", "projector"} <= set(m["quantization"]["components"])
-        assert m["quantization"]["method"] == ("dynamic" if "dynamic" in flags else "blockwise")
+        q = m["quantization"]
+        assert {"decoder", "vision_encoder", "projector"} <= set(q["components"])
+        assert q["method"] == ("dynamic" if "--quant-method" in flags else "blockwise")
+        assert q["vision_method"] == ("dynamic" if vision_dynamic else "blockwise") and q["vision_scheme"] == vscheme
+        assert q["components"]["vision_encoder"]["method"] == q["vision_method"]
+        assert q["components"]["decoder"]["method"] == q["method"] and q["components"]["decoder"]["bits"] == q["bits"]
         by = {(c["case"], c["name"]): c for c in rep["comparisons"]}
         vis = by[("images[0]", "vision_encoder")]
-        assert vis["tol_abs"] == recipe[f"{scheme}_vision"]["component_max_abs"] and vis["max_abs"] > 1e-3
+        assert vis["tol_abs"] == recipe[f"{vscheme}_vision"]["component_max_abs"] and vis["max_abs"] > 1e-3
         assert by[("images", "decoder")]["tol_abs"] == recipe[scheme]["logits_max_abs"]  # its output is the logits
 
 

@@ -134,9 +134,10 @@ def measure_read_bandwidth(nbytes: int, threads: int, passes: int = 5, min_bytes
 
 
 def measure_gemm_peak(threads: int, bits: int | None = None, accuracy_level: int | None = None,
-                      m: int = 512, k: int = 2048, n: int = 2048, repeat: int = 5, method: str = "blockwise") -> float | None:
+                      m: int = 512, k: int = 2048, n: int = 2048, repeat: int = 5, method: str = "blockwise",
+                      block_size: int = 32) -> float | None:
     """GFLOP/s of ONNX Runtime's MatMul on [m, k] x [k, n] (float32 weights, or MatMulNBits with `bits`-bit
-    blocks at `accuracy_level`, or with `method="dynamic"` the int8 integer GEMM of dynamic quantization), with the
+    blocks of `block_size` weights at `accuracy_level`, or with `method="dynamic"` the int8 integer GEMM of dynamic quantization), with the
     runtime's session settings. None without the onnx package."""
     try:
         import onnx
@@ -163,7 +164,7 @@ def measure_gemm_peak(threads: int, bits: int | None = None, accuracy_level: int
 
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-        cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=accuracy_level, bits=bits)
+        cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=bits)
         q = MatMulNBitsQuantizer(model, algo_config=cfg)
         quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
         level, quiet.level = quiet.level, logging.WARNING
@@ -232,23 +233,25 @@ def measure_limits(manifest, rows: dict[str, int], timings_ms: dict[str, float],
     quant = manifest.data.get("quantization") or {}
     quantized = quant.get("components") or {}
     bits = quant.get("bits") if "decoder" in quantized else None
-    vbits = quant.get("bits") if "vision_encoder" in quantized else None
+    vbits = (quant.get("vision_bits") or quant.get("bits")) if "vision_encoder" in quantized else None
     level = quant.get("accuracy_level")
     method = quant.get("method", "blockwise")
+    vmethod = quant.get("vision_method") or method
+    block = int(quant.get("block_size") or 32)
 
-    def kind(b):
-        if b and method == "dynamic":
+    def kind(b, m):
+        if b and m == "dynamic":
             return "int8 dynamic quantization (MatMulInteger)"
-        return f"{b}-bit MatMulNBits (accuracy level {level})" if b else "float32 MatMul"
+        return f"{b}-bit MatMulNBits (blocks of {block}, accuracy level {level})" if b else "float32 MatMul"
 
     log(f"measuring this machine's limits with {threads} thread(s): read bandwidth over {step['total'] / 1e6:.0f} MB, "
-        f"ONNX Runtime GEMM ({' and '.join(dict.fromkeys([kind(bits), kind(vbits)]))})")
+        f"ONNX Runtime GEMM ({' and '.join(dict.fromkeys([kind(bits, method), kind(vbits, vmethod)]))})")
     read = measure_read_bandwidth(step["total"], threads)
-    peak = measure_gemm_peak(threads, bits, level, method=method)
-    vpeak = peak if vbits == bits else measure_gemm_peak(threads, vbits, level, method=method)
+    peak = measure_gemm_peak(threads, bits, level, method=method, block_size=block)
+    vpeak = peak if kind(vbits, vmethod) == kind(bits, method) else measure_gemm_peak(threads, vbits, level, method=vmethod, block_size=block)
     counted = {c: matmul_flops(manifest.component_file(c)) for c in ("decoder", "vision_encoder", "projector") if c in manifest.components}
     flops = {c: (v[0] if v else None) for c, v in counted.items()}
-    lim = Limits(threads, step, read, peak, kind(bits), flops, vision_gemm_peak_gflops=vpeak, vision_gemm_kind=kind(vbits))
+    lim = Limits(threads, step, read, peak, kind(bits, method), flops, vision_gemm_peak_gflops=vpeak, vision_gemm_kind=kind(vbits, vmethod))
     lim.decode_gbps = step["total"] * decode_tok_s / GB
     if flops.get("decoder") is not None and rows.get("decoder") and timings_ms.get("prefill"):
         head = counted["decoder"][1]  # the LM head runs on the last position alone

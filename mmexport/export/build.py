@@ -52,20 +52,23 @@ def build(
     quantize_vision: bool = False,
     quant_method: str | None = None,
     quant_block_size: int | None = None,
+    vision_quant_method: str | None = None,
 ) -> BuildResult:
     """Export every component of `recipe` into `out_dir`. `stage(name)` is a context-manager factory for progress.
     `destination`: an entered `Destination` for `out_dir` when the caller holds its lock for longer
     (the CLI keeps it across `--engines`); by default the build takes it for itself. `quantize_vision`: with
     `quantize`, the vision encoder and projector too (as the recipe's `[export] quantize_vision`); `quant_method`:
     blockwise or dynamic (as `[export] quant_method`, default blockwise); `quant_block_size`: weights per scale of
-    blockwise quantization (as `[export] quant_block_size`, default 32)."""
+    blockwise quantization (as `[export] quant_block_size`, default 32); `vision_quant_method`: with
+    `quantize_vision`, the vision components' own method (as `[export] vision_quant_method`; default the
+    decoder's), e.g. dynamic int8 for the vision tower's large GEMMs beside a block-wise int4 decode step."""
     t0 = time.perf_counter()
     stage = stage or _null_stage
     precision = precision or recipe.precision
     if precision not in recipe.tolerances:
         raise UserError(f"recipe {recipe.name} has no tolerances for precision {precision!r}")
-    qcfg = _quant_config(recipe, quantize, quantize_vision, quant_method, quant_block_size)
-    if qcfg and qcfg["method"] == "dynamic" and precision != "fp32":
+    qcfg = _quant_config(recipe, quantize, quantize_vision, quant_method, quant_block_size, vision_quant_method)
+    if qcfg and "dynamic" in (qcfg["method"], qcfg["vision_method"]) and precision != "fp32":
         raise UserError(f"dynamic quantization takes an fp32 build, not {precision}")
     with (nullcontext(destination) if destination is not None else Destination(out_dir, force=force, log=log)) as dest:
         try:
@@ -115,10 +118,11 @@ def _build_into(dest: Destination, recipe: Recipe, model: str | None, precision:
             if qcfg and comp.spec.name in qcfg["components"]:
                 from .quantize import quantize_component
 
+                vision = comp.spec.name in VISION_STAGES
                 qcfg["report"][comp.spec.name] = quantize_component(
-                    path, qcfg["bits"], block_size=qcfg["block_size"], symmetric=qcfg["symmetric"],
+                    path, qcfg["vision_bits" if vision else "bits"], block_size=qcfg["block_size"], symmetric=qcfg["symmetric"],
                     exclude_lm_head=not qcfg["lm_head"], quantize_embeddings=comp.spec.name == "embed_tokens",
-                    accuracy_level=qcfg["accuracy_level"], method=qcfg["method"],
+                    accuracy_level=qcfg["accuracy_level"], method=qcfg["vision_method" if vision else "method"],
                 )
             rel = [str(p.relative_to(tmp)) for p in sorted(path.parent.glob(path.name + "*"))]
             files += rel
@@ -185,13 +189,20 @@ def vision_gate(scheme: str) -> str:
     return f"{scheme}_vision"
 
 
+_TOOLS = {"blockwise": "onnxruntime MatMulNBitsQuantizer (weight-only, block-wise RTN)",
+          "dynamic": "onnxruntime quantize_dynamic (per-channel int8 weights, uint8 activations per tensor at run time)"}
+
+
 def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = False,
-                  quant_method: str | None = None, block_size: int | None = None) -> dict[str, Any] | None:
+                  quant_method: str | None = None, block_size: int | None = None,
+                  vision_method: str | None = None) -> dict[str, Any] | None:
     """Weight-only quantization settings from the recipe's [export] table (None: not quantized). Quantized vision
-    components have a gate of their own, `[tolerances.<scheme>_vision]`: without one they are not built."""
+    components have a gate of their own, `[tolerances.<their scheme>_vision]`: without one they are not built.
+    They take the decoder's method unless `vision_method` says otherwise (dynamic is always int8)."""
     if quantize is None:
-        if quant_method is not None or block_size is not None:
-            raise UserError(f"{'--quant-method' if quant_method is not None else '--quant-block-size'} goes with --quantize int8|int4")
+        for flag, v in (("--quant-method", quant_method), ("--quant-block-size", block_size), ("--vision-quant-method", vision_method)):
+            if v is not None:
+                raise UserError(f"{flag} goes with --quantize int8|int4")
         return None
     from .quantize import QUANT_METHODS, QUANT_NAMES
 
@@ -211,10 +222,17 @@ def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = 
     if block_size < 16 or block_size & (block_size - 1):
         raise UserError(f"the quantization block size must be a power of two, at least 16, got {block_size}")
     comps = ["decoder"]
-    if quantize_vision or exp.get("quantize_vision", False):
-        if vision_gate(quantize) not in recipe.tolerances:
-            raise UserError(f"recipe {recipe.name} has no [tolerances.{vision_gate(quantize)}]: the accuracy gate of a "
-                            f"{quantize} vision encoder is not stated, so it is not built")
+    with_vision = quantize_vision or exp.get("quantize_vision", False)
+    if vision_method is not None and not with_vision:
+        raise UserError("--vision-quant-method goes with --quantize-vision")
+    vmethod = vision_method or exp.get("vision_quant_method") or method
+    if vmethod not in QUANT_METHODS:
+        raise UserError(f"the vision quantization method must be one of {', '.join(QUANT_METHODS)}, got {vmethod!r}")
+    vscheme = "int8" if vmethod == "dynamic" else quantize  # dynamic quantization is 8-bit
+    if with_vision:
+        if vision_gate(vscheme) not in recipe.tolerances:
+            raise UserError(f"recipe {recipe.name} has no [tolerances.{vision_gate(vscheme)}]: the accuracy gate of a "
+                            f"{vscheme} vision encoder is not stated, so it is not built")
         comps += list(VISION_STAGES)
     if exp.get("quantize_embeddings", False):
         comps.append("embed_tokens")
@@ -222,8 +240,11 @@ def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = 
         "scheme": quantize,
         "bits": QUANT_NAMES[quantize],
         "method": method,
-        "tool": ("onnxruntime MatMulNBitsQuantizer (weight-only, block-wise RTN)" if method == "blockwise" else
-                 "onnxruntime quantize_dynamic (per-channel int8 weights, uint8 activations per tensor at run time)"),
+        "tool": _TOOLS[method],
+        "vision_scheme": vscheme if with_vision else None,
+        "vision_bits": QUANT_NAMES[vscheme] if with_vision else None,
+        "vision_method": vmethod if with_vision else None,
+        "vision_tool": _TOOLS[vmethod] if with_vision else None,
         "block_size": block_size,
         "symmetric": bool(exp.get("quant_symmetric", True)),
         "lm_head": bool(exp.get("quantize_lm_head", True)),

@@ -352,6 +352,9 @@ def run_dynamic_quantizer(model, targets: list[str]):
     logger = logging.getLogger("onnxruntime.quantization")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    # quantize_dynamic also advises "pre-processing" through the root logger, on every call
+    advice = lambda record: not record.getMessage().startswith("Please consider to run pre-processing")  # noqa: E731
+    logging.getLogger().addFilter(advice)
     try:
         with tempfile.TemporaryDirectory(prefix="mmexport-dq-") as tmp:
             out = Path(tmp) / "q.onnx"
@@ -360,6 +363,7 @@ def run_dynamic_quantizer(model, targets: list[str]):
             return onnx.load(str(out), load_external_data=True)
     finally:
         logger.setLevel(level)
+        logging.getLogger().removeFilter(advice)
 
 
 def _fuse_bias(graph, gemms: dict[str, tuple[str, str]]) -> int:

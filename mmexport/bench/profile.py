@@ -63,6 +63,8 @@ def _weight_nodes(onnx_path: Path) -> dict[str, tuple[str, int, int, int]]:
     for n in model.graph.node:
         if n.op_type in ("MatMul", "Gemm", "MatMulInteger") and len(n.input) > 1 and n.input[1] in sizes and len(sizes[n.input[1]][0]) == 2:
             (k, m), b = sizes[n.input[1]]
+            if n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute):
+                k, m = m, k  # B stored as [N, K]
             out[n.name] = (n.op_type, k, m, b)
         elif n.op_type == "MatMulNBits":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import Terminated, UserError, VerificationFailed, on_sigterm
+from .errors import Terminated, UserError, VerificationFailed, on_stop_signal
 
 app = typer.Typer(
     name="mmexport",
@@ -565,7 +565,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if sys.stdout is None:  # started with stdout closed (`>&-`)
         _say("standard output is closed")
         sys.exit(2)
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = signal.signal(signal.SIGTERM, on_stop_signal)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:  # not where SIGINT is ignored (a background job keeps ignoring it)
+        signal.signal(signal.SIGINT, on_stop_signal)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="surrogateescape")  # paths that are not UTF-8 print as their own bytes
     real_stdout = sys.stdout
@@ -582,6 +585,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     finally:
         sys.stdout = real_stdout
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
     try:
         real_stdout.flush()
     except Exception:  # the data cannot go anywhere: make the interpreter's last flush go nowhere as well

@@ -20,34 +20,43 @@ class Terminated(BaseException):
     exit_code = 143
 
 
-# SIGTERM is raised as Terminated where it lands, except inside deferred_termination(): library code that may
-# swallow it (torch's ONNX exporter retries another way after any failure, and has segfaulted when an exception
-# came through its callbacks) finishes first, and Terminated is raised as it returns. A second SIGTERM in a
-# deferred region raises at once. check_terminated() catches a SIGTERM that library code swallowed anyway.
-_term = {"seen": 0, "deferred": 0}
+# SIGTERM (Terminated) and SIGINT (KeyboardInterrupt) are raised where they land, except inside
+# deferred_termination(): library code that may swallow them (torch's ONNX exporter retries another way after
+# any failure, and has segfaulted when an exception came through its callbacks) finishes first, and the
+# exception is raised as it returns. A second signal in a deferred region raises at once. check_terminated()
+# catches a signal that library code swallowed anyway.
+_term: dict = {"signals": [], "deferred": 0}
 
 
-def on_sigterm(signum, frame) -> None:
-    _term["seen"] += 1
-    if not _term["deferred"] or _term["seen"] > 1:
-        raise Terminated()
+def _stop_exception(signum: int) -> BaseException:
+    import signal
+
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def on_stop_signal(signum, frame) -> None:
+    """The CLI's handler of SIGTERM and SIGINT."""
+    _term["signals"].append(signum)
+    if not _term["deferred"] or len(_term["signals"]) > 1:
+        raise _stop_exception(signum)
 
 
 def check_terminated() -> None:
-    """Raise Terminated if SIGTERM arrived (and was deferred or swallowed) since the process started."""
-    if _term["seen"]:
-        raise Terminated()
+    """Raise what the first SIGTERM / SIGINT of this process would have raised, if one arrived (and was deferred
+    or swallowed)."""
+    if _term["signals"]:
+        raise _stop_exception(_term["signals"][0])
 
 
 class deferred_termination:
-    """`with deferred_termination(): call_into_library()`: a SIGTERM inside takes effect when the block ends."""
+    """`with deferred_termination(): call_into_library()`: a SIGTERM / SIGINT inside takes effect when the block ends."""
 
     def __enter__(self) -> None:
         _term["deferred"] += 1
 
     def __exit__(self, *exc) -> None:
         _term["deferred"] -= 1
-        if not _term["deferred"] and not (exc[0] is not None and issubclass(exc[0], Terminated)):
+        if not _term["deferred"] and not (exc[0] is not None and issubclass(exc[0], (Terminated, KeyboardInterrupt))):
             check_terminated()
 
 

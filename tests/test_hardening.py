@@ -235,8 +235,8 @@ def test_sigterm_inside_library_code_is_deferred_to_its_end_and_a_second_one_is_
     deferred_termination() waits for the block to end; a second one raises at once; one swallowed still counts."""
     script = r"""
 import os, signal, sys, time
-from mmexport.errors import Terminated, check_terminated, deferred_termination, on_sigterm
-signal.signal(signal.SIGTERM, on_sigterm)
+from mmexport.errors import Terminated, check_terminated, deferred_termination, on_stop_signal
+signal.signal(signal.SIGTERM, on_stop_signal)
 steps = []
 try:
     with deferred_termination():
@@ -260,6 +260,20 @@ print(",".join(steps))
 """
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.stdout.strip() == "finished the block,terminated after it,second: at once,checked", p.stderr
+    # Ctrl-C the same way, as KeyboardInterrupt
+    ctrl_c = script.replace("SIGTERM", "SIGINT").replace("except Terminated", "except KeyboardInterrupt")
+    p = subprocess.run([sys.executable, "-c", ctrl_c], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.stdout.strip() == "finished the block,terminated after it,second: at once,checked", p.stderr
+
+
+def test_ctrl_c_mid_build_cleans_up_at_once(cache_dir, tmp_path):
+    out = tmp_path / "out"
+    p = start_build(out)
+    wait_for(lambda: staging_dirs(out) or p.poll() is not None, what="the staging directory")
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 # == Integrity and path safety ==============================================================================

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import onnxruntime as ort
 import torch
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from mmexport.bench.limits import run_times
 from mmexport.export.onnx_export import _quiet
 from mmexport.families.attention import CacheContext, attend_over_cache, cross_attend as _cross_attend
 
@@ -99,13 +99,7 @@ def timed(path: Path, feed: dict[str, np.ndarray], threads: int, repeat: int) ->
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    sess.run(None, feed)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    return float(np.median(run_times(sess, feed, repeat))) * 1e3
 
 
 def main() -> None:

@@ -133,6 +133,18 @@ def measure_read_bandwidth(nbytes: int, threads: int, passes: int = 5, min_bytes
     return best
 
 
+def run_times(sess, feeds: dict[str, Any], runs: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `runs` timed `sess.run(None, feeds)` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def measure_gemm_peak(threads: int, bits: int | None = None, accuracy_level: int | None = None,
                       m: int = 512, k: int = 2048, n: int = 2048, repeat: int = 5, method: str = "blockwise",
                       block_size: int = 32) -> float | None:
@@ -178,13 +190,7 @@ def measure_gemm_peak(threads: int, bits: int | None = None, accuracy_level: int
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    sess.run(None, {"x": x})
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        sess.run(None, {"x": x})
-        best = min(best, time.perf_counter() - t0)
+    best = min(run_times(sess, {"x": rng.standard_normal((m, k)).astype(np.float32)}, repeat))
     return 2 * m * k * n / best / 1e9
 
 

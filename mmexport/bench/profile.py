@@ -48,13 +48,14 @@ class DecodeProfile:
         return asdict(self)
 
 
-def _weight_nodes(onnx_path: Path) -> dict[str, tuple[str, int, int, int]]:
+def _weight_nodes(onnx_path_or_model) -> dict[str, tuple[str, int, int, int]]:
     """Node name -> (op, K, N, weight bytes per call) for the MatMul / Gemm / MatMulNBits nodes that read a
     stored weight (quantized weights count their scales and zero points)."""
     import numpy as np
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = (onnx_path_or_model if isinstance(onnx_path_or_model, onnx.ModelProto)
+             else onnx.load(str(onnx_path_or_model), load_external_data=False))
     sizes = {}
     for t in model.graph.initializer:
         itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
@@ -80,18 +81,19 @@ def weight_kernels_alone(onnx_path: Path, component: str = "decoder", runs: int 
     weights where they are (the cut-out graph is loaded from memory with the artifact's onnx/ folder as its
     external-data folder); every other input of theirs (activations, a dynamic quantizer's zero point) is a
     graph input fed random data. None when the graph has no such node."""
-    import time
-
     import numpy as np
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from ..runtime.backends import ort_session_options
+    from .limits import run_times
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
-    shapes = _weight_nodes(onnx_path)
+    shapes = _weight_nodes(model)
+    if not shapes:
+        return None
     graph_nodes = list(model.graph.node)  # one wrapper per node, so id() names it
     order = {id(n): i for i, n in enumerate(graph_nodes)}
     producer = {o: n for n in graph_nodes for o in n.output}
@@ -152,22 +154,13 @@ def weight_kernels_alone(onnx_path: Path, component: str = "decoder", runs: int 
             feeds[name] = (rng.standard_normal((1, widths[name])) * 0.5).astype(np_types[et])
     outputs = [onnx.ValueInfoProto(name=o) for n in nodes for o in n.output
                if o and not any(order[id(c)] in picked for c in consumers.get(o, []))]
-    if not nodes:
-        return None
     graph = helper.make_graph(nodes, "weight_kernels_alone", list(inputs.values()), outputs, list(used.values()))
     cut = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     so = ort_session_options(component, threads)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(onnx_path).parent))
     sess = ort.InferenceSession(cut.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
+    ms = float(np.median(run_times(sess, feeds, runs, warmup))) * 1e3
     del sess
-    ms = float(np.median(times)) * 1e3
     nbytes = sum(shapes[n.name][3] for n in nodes if n.name in shapes)
     return {"ms": ms, "nodes": sum(n.name in shapes for n in nodes), "weight_bytes": nbytes, "gbps": nbytes / 1e9 / (ms / 1e3)}
 

@@ -125,8 +125,11 @@ def staging_dirs(out: Path) -> list[Path]:
 
 def start_build(out: Path, *extra: str) -> subprocess.Popen:
     e = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    # as from a terminal: where the tests themselves run as a background job, SIGINT is ignored and a child
+    # inherits that, and a build started so is not one Ctrl-C can reach (mmexport leaves it ignored)
     return subprocess.Popen([sys.executable, "-m", "mmexport", "build", "qwen2-vl-tiny", "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 # == Data loss =============================================================================================

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -187,6 +188,11 @@ def test_limits_of_this_machine(report, tiny_artifacts):
     head = 2 * h * vocab  # the LM head runs on the last position only
     assert lim["prefill_flops"] == (lim["flops_per_row"]["decoder"] - head) * report.ours.prompt_tokens + head
     assert lim["read_gbps"] > 0 and lim["gemm_peak_gflops"] > 0 and lim["threads"] >= 1
+    # the limits are sampled after each timed run, and each is the median of its samples
+    assert len(lim["read_gbps_samples"]) == REPEAT and all(v > 0 for v in lim["read_gbps_samples"])
+    assert lim["read_gbps"] == pytest.approx(statistics.median(lim["read_gbps_samples"]), abs=0.01)
+    assert list(lim["gemm_peak_samples"]) == ["float32 MatMul"] and len(lim["gemm_peak_samples"]["float32 MatMul"]) == REPEAT
+    assert lim["gemm_peak_gflops"] == pytest.approx(statistics.median(lim["gemm_peak_samples"]["float32 MatMul"]), abs=0.01)
     # an unquantized build: prefill and vision are both judged against the float32 GEMM, measured once
     assert lim["gemm_kind"] == lim["vision_gemm_kind"] == "float32 MatMul"
     assert lim["vision_gemm_peak_gflops"] == lim["gemm_peak_gflops"]
@@ -226,3 +232,26 @@ def test_profile_one_decode_step(tiny_artifacts):
     text = run_cli("bench", tiny_artifacts, "--profile", "--new-tokens", "3").stdout
     assert "inside the decoder's run" in text and "MatMul" in text and "weight kernels alone" in text
     run_cli("bench", tiny_artifacts, "--profile", "--vs-pytorch", check=2)
+
+
+def test_limit_probes_run_in_their_own_process(tiny_artifacts):
+    """The limits are sampled in a child process: the GEMM session (and the onnx package it is built with) and the
+    read buffer never enter the benchmarked process, and closing the probes ends the child."""
+    import os
+    import subprocess
+
+    script = r"""
+import sys
+from mmexport.bench.limits import LimitProbes
+from mmexport.runtime.manifest import load_manifest
+probes = LimitProbes(load_manifest(sys.argv[1], check_files=False))
+for _ in range(2):
+    probes.sample(64 << 20)
+pid = probes._proc.pid
+probes.close()
+print(len(probes.read), min(probes.read) > 0, {k: len(v) for k, v in probes.gemm.items()}, probes.kinds["decoder"],
+      "onnx" in sys.modules, probes._proc.returncode, pid != __import__("os").getpid())
+"""
+    p = subprocess.run([sys.executable, "-c", script, str(tiny_artifacts)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=300)
+    assert p.stdout.split() == ["2", "True", "{'float32", "MatMul':", "2}", "float32", "MatMul", "False", "0", "True"], p.stderr

@@ -79,11 +79,12 @@ def bench(
     t_start = time.perf_counter()
     pil = load_image(image) if image is not None else default_image()
     image_desc = str(image) if image is not None else f"generated {pil.width}x{pil.height}"
-    sides: list[Side] = [OursSide(artifact_dir, backend, [pil], prompt, new_tokens, warmup, repeat, log)]
+    ours = OursSide(artifact_dir, backend, [pil], prompt, new_tokens, warmup, repeat, log, probe=limits)
+    sides: list[Side] = [ours]
     if vs_pytorch:
         from .eager import EagerSide
 
-        sides.append(EagerSide(sides[0], [pil], prompt, new_tokens, model, log))
+        sides.append(EagerSide(ours, [pil], prompt, new_tokens, model, log))
     interleave = interleave and len(sides) > 1
     measured = None
     try:
@@ -101,15 +102,15 @@ def bench(
                 side.warm(warmup)
                 for i in range(repeat):
                     side.timed_run(i, repeat)
-            if limits and side is sides[0]:
+            if limits and side is ours:
                 side.note_rows()
             side.close()
+        if limits:
+            measured = ours.measure_limits()
     finally:
         for side in sides:
             side.close()
-    ours = sides[0]
-    if limits:
-        measured = ours.measure_limits()
+        ours.close_probes()
     report = BenchReport(
         artifacts=str(artifact_dir), backend=backend, precision=ours.manifest.data.get("precision", ""),
         recipe=ours.manifest.data.get("recipe", {}).get("name", ""), image=image_desc,

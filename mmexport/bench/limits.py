@@ -5,10 +5,15 @@ vision tower multiply many rows by each weight, so theirs is GEMM throughput. Bo
 same run, with the runtime's thread count:
 
 - read bandwidth: threads summing disjoint slices of one buffer as large as what a decode step reads (so the
-  same caches help or not as they help the decoder), best of several passes;
+  same caches help or not as they help the decoder), best of a few passes;
 - GEMM peak: ONNX Runtime's own MatMul (the kernels the exported graphs run) on a [512, 2048] x [2048, 2048]
   product with float32 weights, and with 8-bit / 4-bit block-quantized weights (MatMulNBits) for quantized
   builds, at the build's accuracy level: the decoder's format for prefill, the vision encoder's for vision.
+
+On a shared machine both drift from minute to minute by more than the kernels they judge, so bench samples
+them after each of its timed runs and reports the medians, with the samples (`LimitProbes`). The probes run
+in a child process: their buffers, sessions and imports (onnx, ONNX Runtime's quantizer) never touch the
+benchmarked process's memory figures, and the child sleeps while a run is timed.
 
 What a request costs is read off the artifact: the bytes of each graph's weights (its .onnx and .onnx.data
 files), the cache a decode step reads (the filled slots, on average over the request's decode steps, where the
@@ -19,7 +24,10 @@ score/value products are not counted, so FLOP/s figures are lower bounds).
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -145,53 +153,152 @@ def run_times(sess, feeds: dict[str, Any], runs: int, warmup: int = 1) -> list[f
     return times
 
 
-def measure_gemm_peak(threads: int, bits: int | None = None, accuracy_level: int | None = None,
-                      m: int = 512, k: int = 2048, n: int = 2048, repeat: int = 5, method: str = "blockwise",
-                      block_size: int = 32) -> float | None:
-    """GFLOP/s of ONNX Runtime's MatMul on [m, k] x [k, n] (float32 weights, or MatMulNBits with `bits`-bit
-    blocks of `block_size` weights at `accuracy_level`, or with `method="dynamic"` the int8 integer GEMM of dynamic quantization), with the
-    runtime's session settings. None without the onnx package."""
-    try:
-        import onnx
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        return None
-    rng = np.random.default_rng(0)
-    w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "gemm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = min(model.ir_version, 10)
+def gemm_kind(bits: int | None, method: str = "blockwise", block_size: int = 32, accuracy_level: int | None = None) -> str:
+    """How a stage's weight MatMuls compute, in words (the GEMM its limit is measured with)."""
     if bits and method == "dynamic":
-        from ..export.quantize import run_dynamic_quantizer
+        return "int8 dynamic quantization (MatMulInteger)"
+    return f"{bits}-bit MatMulNBits (blocks of {block_size}, accuracy level {accuracy_level})" if bits else "float32 MatMul"
 
-        model = run_dynamic_quantizer(model, ["mm"])
-    elif bits:
-        import logging
 
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+def weight_formats(manifest) -> dict[str, dict[str, Any]]:
+    """The weight format of each compute-bound stage, from the manifest: "decoder" (prefill) and "vision"."""
+    quant = manifest.data.get("quantization") or {}
+    quantized = quant.get("components") or {}
+    common = {"accuracy_level": quant.get("accuracy_level"), "block_size": int(quant.get("block_size") or 32)}
+    method = quant.get("method", "blockwise")
+    return {
+        "decoder": {"bits": quant.get("bits") if "decoder" in quantized else None, "method": method, **common},
+        "vision": {"bits": (quant.get("vision_bits") or quant.get("bits")) if "vision_encoder" in quantized else None,
+                   "method": quant.get("vision_method") or method, **common},
+    }
 
-        cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=bits)
-        q = MatMulNBitsQuantizer(model, algo_config=cfg)
-        quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-        level, quiet.level = quiet.level, logging.WARNING
+
+class GemmProbe:
+    """GFLOP/s of ONNX Runtime's MatMul on [m, k] x [k, n] (float32 weights, or MatMulNBits with `bits`-bit blocks
+    of `block_size` weights at `accuracy_level`, or with `method="dynamic"` the int8 integer GEMM of dynamic
+    quantization), with the runtime's session settings. The session is made once; `sample()` is the best of
+    `repeat` runs, None without the onnx package."""
+
+    def __init__(self, threads: int, bits: int | None = None, accuracy_level: int | None = None, method: str = "blockwise",
+                 block_size: int = 32, m: int = 512, k: int = 2048, n: int = 2048):
+        self.flops = 2 * m * k * n
+        self.sess = None
         try:
-            q.process()
-        finally:
-            quiet.setLevel(level)
-        model = q.model.model
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    best = min(run_times(sess, {"x": rng.standard_normal((m, k)).astype(np.float32)}, repeat))
-    return 2 * m * k * n / best / 1e9
+            import onnx
+            import onnxruntime as ort
+            from onnx import TensorProto, helper, numpy_helper
+        except ImportError:
+            return
+        rng = np.random.default_rng(0)
+        w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "gemm",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+            [numpy_helper.from_array(w, "w")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = min(model.ir_version, 10)
+        if bits and method == "dynamic":
+            from ..export.quantize import run_dynamic_quantizer
+
+            model = run_dynamic_quantizer(model, ["mm"])
+        elif bits:
+            import logging
+
+            from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+            cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=bits)
+            q = MatMulNBitsQuantizer(model, algo_config=cfg)
+            quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+            level, quiet.level = quiet.level, logging.WARNING
+            try:
+                q.process()
+            finally:
+                quiet.setLevel(level)
+            model = q.model.model
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        self.sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.feeds = {"x": rng.standard_normal((m, k)).astype(np.float32)}
+
+    def sample(self, repeat: int = 5, min_seconds: float = 0.25) -> float | None:
+        """The best of at least `repeat` runs, and of as many as fill `min_seconds` (a fast GEMM's few runs would
+        otherwise all fall in one disturbed moment)."""
+        if self.sess is None:
+            return None
+        times = run_times(self.sess, self.feeds, repeat)
+        while sum(times) < min_seconds:
+            times += run_times(self.sess, self.feeds, repeat, warmup=0)
+        return self.flops / min(times) / 1e9
+
+
+def _probe_worker() -> None:
+    """The child of LimitProbes: makes the GEMM sessions named in argv[1], says "ready", then answers each
+    request (a line of JSON: the bytes to read) with a line of JSON: the read bandwidth and each GEMM's
+    GFLOP/s. Ends at end of input."""
+    cfg = json.loads(sys.argv[1])
+    threads = int(cfg["threads"])
+    probes = {kind: GemmProbe(threads, **fmt) for kind, fmt in cfg["gemms"].items()}
+    out = sys.stdout
+    out.write(json.dumps("ready") + "\n")
+    out.flush()
+    for line in sys.stdin:
+        nbytes = int(json.loads(line))
+        time.sleep(0.1)  # the benchmarked process's thread pools spin a moment after its run before they sleep
+        read = measure_read_bandwidth(nbytes, threads, passes=3)
+        out.write(json.dumps({"read_gbps": read, "gemm_gflops": {k: p.sample() for k, p in probes.items()}}) + "\n")
+        out.flush()
+
+
+class LimitProbes:
+    """This machine's limits for one build, sampled in a child process whenever `sample(nbytes)` is called (bench:
+    after each timed run): the read bandwidth over `nbytes`, and the GEMM peak of each stage's weight format."""
+
+    def __init__(self, manifest, threads: int | None = None):
+        self.threads = threads or runtime_threads()
+        self.formats = weight_formats(manifest)
+        self.kinds = {stage: gemm_kind(**fmt) for stage, fmt in self.formats.items()}
+        gemms = {gemm_kind(**fmt): fmt for fmt in self.formats.values()}
+        self.read: list[float] = []
+        self.gemm: dict[str, list[float]] = {k: [] for k in gemms}
+        root = str(Path(__file__).resolve().parents[2])  # the directory holding the mmexport package
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self._proc = subprocess.Popen([sys.executable, "-m", "mmexport.bench.limits", json.dumps({"threads": self.threads, "gemms": gemms})],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._answer()
+
+    def _answer(self):
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            code = self._proc.wait()
+            raise RuntimeError(f"the limit probe process ended (exit {code}); its error is above")
+        return json.loads(line)
+
+    def sample(self, nbytes: int) -> None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(f"{int(nbytes)}\n")
+        self._proc.stdin.flush()
+        got = self._answer()
+        self.read.append(float(got["read_gbps"]))
+        for k, v in got["gemm_gflops"].items():
+            if v is not None:
+                self.gemm[k].append(float(v))
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +308,7 @@ def measure_gemm_peak(threads: int, bits: int | None = None, accuracy_level: int
 class Limits:
     threads: int
     decode_bytes: dict[str, int]  # per step: weights, kv_cache, embedding_row, total
-    read_gbps: float  # measured, same working-set size and threads
+    read_gbps: float  # measured, same working-set size and threads: the median of read_gbps_samples
     gemm_peak_gflops: float | None  # measured, the build's weight format
     gemm_kind: str
     flops_per_row: dict[str, int | None] = field(default_factory=dict)  # component -> weight-MatMul FLOPs per input row
@@ -212,6 +319,8 @@ class Limits:
     vision_flops: int | None = None
     vision_gemm_peak_gflops: float | None = None  # the vision encoder's weight format (float32 unless it was quantized)
     vision_gemm_kind: str = ""
+    read_gbps_samples: list[float] = field(default_factory=list)  # one after each timed run; read_gbps is their median
+    gemm_peak_samples: dict[str, list[float]] = field(default_factory=dict)  # per GEMM kind, one after each timed run
 
     @property
     def percent(self) -> dict[str, float | None]:
@@ -225,39 +334,35 @@ class Limits:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["percent_of_limit"] = {k: (round(v, 1) if v is not None else None) for k, v in self.percent.items()}
+        d["read_gbps_samples"] = [round(v, 2) for v in self.read_gbps_samples]
+        d["gemm_peak_samples"] = {k: [round(v, 2) for v in vs] for k, vs in self.gemm_peak_samples.items()}
         for key in ("read_gbps", "gemm_peak_gflops", "decode_gbps", "prefill_gflops", "vision_gflops", "vision_gemm_peak_gflops"):
             if d[key] is not None:
                 d[key] = round(d[key], 2)
         return d
 
 
-def measure_limits(manifest, rows: dict[str, int], timings_ms: dict[str, float], decode_tok_s: float, log=print) -> Limits:
-    """The limits of this machine for this build, and how close the median request came (`rows`: input rows per
-    request of each component: prompt tokens for the decoder, patches for the vision encoder)."""
-    threads = runtime_threads()
+def measure_limits(manifest, rows: dict[str, int], timings_ms: dict[str, float], decode_tok_s: float,
+                   probes: LimitProbes, log=print) -> Limits:
+    """How close the median request came to this machine's limits for this build (`rows`: input rows per request
+    of each component: prompt tokens for the decoder, patches for the vision encoder; `probes`: the limits
+    sampled beside the timed runs, over what a decode step reads)."""
     step = decode_step_bytes(manifest, rows.get("kv_slots"))
-    quant = manifest.data.get("quantization") or {}
-    quantized = quant.get("components") or {}
-    bits = quant.get("bits") if "decoder" in quantized else None
-    vbits = (quant.get("vision_bits") or quant.get("bits")) if "vision_encoder" in quantized else None
-    level = quant.get("accuracy_level")
-    method = quant.get("method", "blockwise")
-    vmethod = quant.get("vision_method") or method
-    block = int(quant.get("block_size") or 32)
+    if not probes.read:
+        probes.sample(step["total"])
 
-    def kind(b, m):
-        if b and m == "dynamic":
-            return "int8 dynamic quantization (MatMulInteger)"
-        return f"{b}-bit MatMulNBits (blocks of {block}, accuracy level {level})" if b else "float32 MatMul"
+    def median(v):
+        return float(np.median(v)) if v else None
 
-    log(f"measuring this machine's limits with {threads} thread(s): read bandwidth over {step['total'] / 1e6:.0f} MB, "
-        f"ONNX Runtime GEMM ({' and '.join(dict.fromkeys([kind(bits, method), kind(vbits, vmethod)]))})")
-    read = measure_read_bandwidth(step["total"], threads)
-    peak = measure_gemm_peak(threads, bits, level, method=method, block_size=block)
-    vpeak = peak if kind(vbits, vmethod) == kind(bits, method) else measure_gemm_peak(threads, vbits, level, method=vmethod, block_size=block)
+    log(f"this machine's limits with {probes.threads} thread(s), sampled after each timed run: read bandwidth over "
+        f"{step['total'] / 1e6:.0f} MB {', '.join(f'{v:.1f}' for v in probes.read)} GB/s; "
+        + "; ".join(f"ONNX Runtime GEMM ({k}) {', '.join(f'{v:.0f}' for v in vs)} GFLOP/s" for k, vs in probes.gemm.items()))
+    dkind, vkind = probes.kinds["decoder"], probes.kinds["vision"]
+    read, peak, vpeak = median(probes.read), median(probes.gemm[dkind]), median(probes.gemm[vkind])
     counted = {c: matmul_flops(manifest.component_file(c)) for c in ("decoder", "vision_encoder", "projector") if c in manifest.components}
     flops = {c: (v[0] if v else None) for c, v in counted.items()}
-    lim = Limits(threads, step, read, peak, kind(bits, method), flops, vision_gemm_peak_gflops=vpeak, vision_gemm_kind=kind(vbits, vmethod))
+    lim = Limits(probes.threads, step, read, peak, dkind, flops, vision_gemm_peak_gflops=vpeak, vision_gemm_kind=vkind,
+                 read_gbps_samples=list(probes.read), gemm_peak_samples={k: list(v) for k, v in probes.gemm.items()})
     lim.decode_gbps = step["total"] * decode_tok_s / GB
     if flops.get("decoder") is not None and rows.get("decoder") and timings_ms.get("prefill"):
         head = counted["decoder"][1]  # the LM head runs on the last position alone
@@ -270,3 +375,7 @@ def measure_limits(manifest, rows: dict[str, int], timings_ms: dict[str, float],
         if lim.vision_flops:
             lim.vision_gflops = lim.vision_flops / (timings_ms["vision"] / 1e3) / 1e9
     return lim
+
+
+if __name__ == "__main__":
+    _probe_worker()

@@ -124,18 +124,23 @@ def render_limits(lim, console) -> None:
     pct = lim.percent
     b = lim.decode_bytes
     t = Table("stage", "achieved", "this machine's limit", "% of limit",
-              title=f"against this machine's limits ({lim.threads} thread(s), measured in this run)")
+              title=f"against this machine's limits ({lim.threads} thread(s), measured after each timed run)")
 
     def p(v):
         return f"{v:.0f} %" if v is not None else "-"
 
+    def spread(samples, digits=1):
+        return f"; median of {len(samples)}, {min(samples):.{digits}f}-{max(samples):.{digits}f}" if len(samples) > 1 else ""
+
     t.add_row("decode", f"{lim.decode_gbps:.1f} GB/s ({b['total'] / 1e6:,.0f} MB per token: weights {b['weights'] / 1e6:,.0f}, "
               f"KV cache {b['kv_cache'] / 1e6:,.1f}, embedding row {b['embedding_row'] / 1e3:.1f} KB)",
-              f"{lim.read_gbps:.1f} GB/s read (same working set)", p(pct["decode"]))
-    peak = f"{lim.gemm_peak_gflops:.0f} GFLOP/s ({lim.gemm_kind})" if lim.gemm_peak_gflops else "- (needs onnx)"
+              f"{lim.read_gbps:.1f} GB/s read (same working set{spread(lim.read_gbps_samples)})", p(pct["decode"]))
+    peak = (f"{lim.gemm_peak_gflops:.0f} GFLOP/s ({lim.gemm_kind}{spread(lim.gemm_peak_samples.get(lim.gemm_kind, []), 0)})"
+            if lim.gemm_peak_gflops else "- (needs onnx)")
     if lim.prefill_gflops is not None:
         t.add_row("prefill", f"{lim.prefill_gflops:.0f} GFLOP/s ({lim.prefill_flops / 1e9:,.1f} GFLOP of weight MatMuls)", peak, p(pct["prefill"]))
     if lim.vision_gflops is not None:
-        vpeak = f"{lim.vision_gemm_peak_gflops:.0f} GFLOP/s ({lim.vision_gemm_kind})" if lim.vision_gemm_peak_gflops else "- (needs onnx)"
+        vpeak = (f"{lim.vision_gemm_peak_gflops:.0f} GFLOP/s ({lim.vision_gemm_kind}{spread(lim.gemm_peak_samples.get(lim.vision_gemm_kind, []), 0)})"
+                 if lim.vision_gemm_peak_gflops else "- (needs onnx)")
         t.add_row("vision", f"{lim.vision_gflops:.0f} GFLOP/s ({lim.vision_flops / 1e9:,.1f} GFLOP of weight MatMuls)", vpeak, p(pct["vision"]))
     console.print(t)

@@ -87,8 +87,14 @@ class Side:
 class OursSide(Side):
     label = "ours "
 
-    def __init__(self, artifact_dir, backend: str, images, prompt: str, new_tokens: int, warmup: int, repeat: int, log):
+    def __init__(self, artifact_dir, backend: str, images, prompt: str, new_tokens: int, warmup: int, repeat: int, log,
+                 probe: bool = False):
         super().__init__(log)
+        # probe: after each timed run, sample this machine's limits (bench.limits.LimitProbes, a child process
+        # started after the first timed run), so they are measured over the same minutes as the runs they judge
+        self.probe = probe
+        self.probes = None
+        self.prompt_tokens = 0
         self.artifact_dir, self.backend, self.images, self.prompt, self.new_tokens = artifact_dir, backend, images, prompt, new_tokens
         self.warmup, self.repeat = warmup, repeat
         self.pipe = None
@@ -105,6 +111,7 @@ class OursSide(Side):
         self.pipe = pipe = Pipeline(self.artifact_dir, backend=self.backend)
         self.manifest = pipe.manifest
         prep = pipe.prepare(self.prompt, self.images)
+        self.prompt_tokens = len(prep.input_ids)
         if self.new_tokens > pipe.max_context - len(prep.input_ids):
             raise UserError(f"{len(prep.input_ids)} prompt tokens + {self.new_tokens} new tokens exceed this build's context of {pipe.max_context}")
         self.log(f"bench {self.artifact_dir} ({self.manifest.data.get('precision')}, {self.backend}): {len(prep.input_ids)} prompt tokens, "
@@ -115,6 +122,21 @@ class OursSide(Side):
         res = self.pipe.generate(self.prompt, self.images, max_new_tokens=self.new_tokens, ignore_eos=True)
         return {**{k: float(v) for k, v in res.timings_ms.items() if k in STAGES}, "tok_s": res.tokens_per_s, "res": res}
 
+    def timed_run(self, i: int, repeat: int) -> None:
+        super().timed_run(i, repeat)
+        if self.probe:
+            from .limits import LimitProbes, decode_step_bytes
+
+            if self.probes is None:
+                self.probes = LimitProbes(self.manifest)
+            self.probes.sample(decode_step_bytes(self.manifest, self.kv_slots())["total"])
+
+    def kv_slots(self) -> int | None:
+        """The cache slots a decode step reads, on average over the request (the ONNX Runtime backend is fed the
+        filled ones); None where the backend reads the whole buffer."""
+        assert self.pipe is not None
+        return None if self.pipe.runners["decoder"].whole_cache else self.prompt_tokens + self.new_tokens // 2
+
     def note_rows(self) -> None:
         """The input rows one request puts through the decoder (prompt tokens) and the vision encoder (its output
         tokens), for the FLOPs bench.limits reports; read while the model is loaded."""
@@ -122,20 +144,28 @@ class OursSide(Side):
         pipe = self.pipe
         prep = pipe.prepare(self.prompt, self.images)
         self.rows = {"decoder": len(prep.input_ids)}
-        if not pipe.runners["decoder"].whole_cache:  # the cache slots a decode step reads, on average
-            self.rows["kv_slots"] = len(prep.input_ids) + self.new_tokens // 2
+        if self.kv_slots() is not None:
+            self.rows["kv_slots"] = self.kv_slots()
         if prep.images and hasattr(pipe.family, "vision_feeds"):
             out = pipe.runners["vision_encoder"].infer(pipe.family.vision_feeds(prep.images[0]))
             first = out[pipe.specs["vision_encoder"].output_names[0]]
             self.rows["vision_encoder"] = int(np.prod(first.shape[:-1])) * len(prep.images)
 
     def measure_limits(self):
-        """This machine's limits for this build and how close the median request came (bench.limits); run after
-        every side is released, so its buffers and sessions touch no side's memory figures."""
-        from .limits import measure_limits
+        """This machine's limits for this build, as sampled beside the timed runs, and how close the median request
+        came (bench.limits)."""
+        from .limits import LimitProbes, measure_limits
 
+        if self.probes is None:
+            self.probes = LimitProbes(self.manifest)
         timings, tok_s = self.stats()
-        return measure_limits(self.manifest, self.rows, {k: v.median for k, v in timings.items()}, tok_s.median, log=self.log)
+        return measure_limits(self.manifest, self.rows, {k: v.median for k, v in timings.items()}, tok_s.median, self.probes,
+                              log=self.log)
+
+    def close_probes(self) -> None:
+        if self.probes is not None:
+            self.probes.close()
+            self.probes = None
 
     def close(self) -> None:
         if self.pipe is not None:

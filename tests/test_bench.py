@@ -229,6 +229,7 @@ def test_profile_one_decode_step(tiny_artifacts):
     assert a["nodes"] == len(stored) and a["weight_bytes"] == pytest.approx(sum(w["mb"] for w in d["weights"]) * 1e6, rel=1e-6)
     assert a["ms"] > 0 and a["gbps"] == pytest.approx(a["weight_bytes"] / 1e9 / (a["ms"] / 1e3), rel=1e-6)
     assert a["read_gbps"] > 0 and a["percent_of_read"] == pytest.approx(100 * a["gbps"] / a["read_gbps"], rel=1e-6)
+    assert len(a["read_gbps_samples"]) == 3 and a["read_gbps"] == pytest.approx(statistics.median(a["read_gbps_samples"]), abs=0.01)
     text = run_cli("bench", tiny_artifacts, "--profile", "--new-tokens", "3").stdout
     assert "inside the decoder's run" in text and "MatMul" in text and "weight kernels alone" in text
     run_cli("bench", tiny_artifacts, "--profile", "--vs-pytorch", check=2)

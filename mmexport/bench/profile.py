@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,9 +77,10 @@ def _weight_nodes(onnx_path_or_model) -> dict[str, tuple[str, int, int, int]]:
 
 
 def weight_kernels_alone(onnx_path: Path, component: str = "decoder", runs: int = 30, warmup: int = 5,
-                         threads: int | None = None) -> dict[str, Any] | None:
+                         threads: int | None = None, rounds: int = 1, between: Callable[[int], None] | None = None) -> dict[str, Any] | None:
     """Time the graph's weight-reading nodes on their own (one row of input each, as a batch-1 decode step
-    feeds them): {"ms", "nodes", "weight_bytes", "gbps"} (median of `runs`). The nodes keep their stored
+    feeds them): {"ms", "nodes", "weight_bytes", "gbps"} (median of `rounds` x `runs`, with `between(weight_bytes)`
+    called after each round: a probe of the machine's limits sampled over the same minutes). The nodes keep their stored
     weights where they are (the cut-out graph is loaded from memory with the artifact's onnx/ folder as its
     external-data folder); every other input of theirs (activations, a dynamic quantizer's zero point) is a
     graph input fed random data. None when the graph has no such node."""
@@ -159,9 +162,14 @@ def weight_kernels_alone(onnx_path: Path, component: str = "decoder", runs: int 
     so = ort_session_options(component, threads)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(onnx_path).parent))
     sess = ort.InferenceSession(cut.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    ms = float(np.median(run_times(sess, feeds, runs, warmup))) * 1e3
-    del sess
     nbytes = sum(shapes[n.name][3] for n in nodes if n.name in shapes)
+    times: list[float] = []
+    for r in range(rounds):
+        times += run_times(sess, feeds, runs, warmup if r == 0 else 0)
+        if between is not None:
+            between(nbytes)
+    ms = float(np.median(times)) * 1e3
+    del sess
     return {"ms": ms, "nodes": sum(n.name in shapes for n in nodes), "weight_bytes": nbytes, "gbps": nbytes / 1e9 / (ms / 1e3)}
 
 
@@ -207,9 +215,16 @@ def profile_decode(artifact_dir: Path | str, images: list, prompt: str, steps: i
         pipe.close()
     from .limits import measure_read_bandwidth
 
-    alone = weight_kernels_alone(path)
+    reads: list[float] = []
+
+    def probe(nbytes: int) -> None:  # the read bandwidth over the same bytes, after each round of the kernels' timing
+        time.sleep(0.1)  # the session's pool spins a moment after its run
+        reads.append(measure_read_bandwidth(nbytes, runtime_threads(), passes=3))
+
+    alone = weight_kernels_alone(path, rounds=3, runs=10, between=probe)
     if alone:
-        alone["read_gbps"] = measure_read_bandwidth(alone["weight_bytes"], runtime_threads())
+        alone["read_gbps"] = statistics.median(reads)
+        alone["read_gbps_samples"] = [round(v, 2) for v in reads]
         alone["percent_of_read"] = 100 * alone["gbps"] / alone["read_gbps"]
         alone["rest_ms"] = max(host["decoder run"] - alone["ms"], 0.0)
 
@@ -273,5 +288,6 @@ def render_profile(p: DecodeProfile, console) -> None:
     if a:
         console.print(f"weight kernels alone ({a['nodes']} nodes, {a['weight_bytes'] / 1e6:.0f} MB, unprofiled): "
                       f"{a['ms']:.2f} ms = {a['gbps']:.1f} GB/s, {a['percent_of_read']:.0f} % of this machine's read "
-                      f"bandwidth ({a['read_gbps']:.1f} GB/s); the rest of the decoder's run: {a['rest_ms']:.2f} ms "
+                      f"bandwidth ({a['read_gbps']:.1f} GB/s, the median of {len(a['read_gbps_samples'])} samples between rounds of the timing: "
+                      f"{min(a['read_gbps_samples']):.1f}-{max(a['read_gbps_samples']):.1f}); the rest of the decoder's run: {a['rest_ms']:.2f} ms "
                       f"of {p.host_ms['decoder run']:.2f}", highlight=False)

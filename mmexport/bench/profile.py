@@ -13,7 +13,7 @@ Two views of the same request (the bench image and prompt, greedy, EOS ignored),
   on a stored weight), cut out into a graph of their own that reads the same stored weights (no copy), run
   unprofiled with the decoder's session options on one decode row. Its time is the floor ONNX Runtime's
   kernels put under a decode step, and its GB/s next to the machine's read bandwidth (measured here, same
-  threads, over the same bytes) says how much of a gap to the bandwidth limit is the weight kernels' own
+  threads, over the same bytes, after each of three rounds of the timing: the median) says how much of a gap to the bandwidth limit is the weight kernels' own
   and how much is the rest of the graph (attention, norms, rotary, reshapes and the ~1,000 small kernels).
 """
 from __future__ import annotations

@@ -144,8 +144,9 @@ class OursSide(Side):
         pipe = self.pipe
         prep = pipe.prepare(self.prompt, self.images)
         self.rows = {"decoder": len(prep.input_ids)}
-        if self.kv_slots() is not None:
-            self.rows["kv_slots"] = self.kv_slots()
+        slots = self.kv_slots()
+        if slots is not None:
+            self.rows["kv_slots"] = slots
         if prep.images and hasattr(pipe.family, "vision_feeds"):
             out = pipe.runners["vision_encoder"].infer(pipe.family.vision_feeds(prep.images[0]))
             first = out[pipe.specs["vision_encoder"].output_names[0]]
@@ -154,10 +155,9 @@ class OursSide(Side):
     def measure_limits(self):
         """This machine's limits for this build, as sampled beside the timed runs, and how close the median request
         came (bench.limits)."""
-        from .limits import LimitProbes, measure_limits
+        from .limits import measure_limits
 
-        if self.probes is None:
-            self.probes = LimitProbes(self.manifest)
+        assert self.probes is not None, "the limits are sampled by the timed runs (probe=True)"
         timings, tok_s = self.stats()
         return measure_limits(self.manifest, self.rows, {k: v.median for k, v in timings.items()}, tok_s.median, self.probes,
                               log=self.log)

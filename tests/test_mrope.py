@@ -205,13 +205,13 @@ def test_step_positions_match_transformers_decode(model, grids):
             past = cache.get_seq_length()
             new = torch.tensor([_text(rng, count)])
             e = model.get_input_embeddings()(new)
-            ref = model.compute_3d_position_ids(new, e, past_key_values=cache)
+            ref = model.compute_3d_position_ids(new, e, cache=cache)
             ours = Qwen2VLRuntime.step_positions(past, count, delta)
             assert ours.shape == (3, 1, count) and ours.dtype == np.int64
             np.testing.assert_array_equal(ours, ref.numpy())
             # the formula itself: arange(past, past + count) + delta on every row
             np.testing.assert_array_equal(ours, np.broadcast_to(np.arange(past, past + count) + delta, (3, 1, count)))
-            model.language_model(inputs_embeds=e, position_ids=ref, past_key_values=cache, use_cache=True)
+            model.language_model(inputs_embeds=e, position_ids=ref, cache=cache, use_cache=True)
     model.rope_deltas = None
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmexport.bench import STAGES, BenchReport, bench, default_image, plot_bench, render_bench
+from mmexport.bench import STAGES, BenchReport, bench, bench_builds, default_image, plot_bench, render_bench, render_builds
 from mmexport.errors import UserError
 
 NEW, REPEAT = 8, 2
@@ -256,3 +256,50 @@ print(len(probes.read), min(probes.read) > 0, {k: len(v) for k, v in probes.gemm
     p = subprocess.run([sys.executable, "-c", script, str(tiny_artifacts)], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=300)
     assert p.stdout.split() == ["2", "True", "{'float32", "MatMul':", "2}", "float32", "MatMul", "False", "0", "True"], p.stderr
+
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tiny_artifacts, tmp_path_factory) -> Path:
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("build") / "qwen2-vl-tiny-int8"
+    run_cli("build", "qwen2-vl-tiny", "--quantize", "int8", "--out", out)
+    return out
+
+
+def test_builds_compared_with_their_runs_interleaved(tiny_artifacts, tiny_int8):
+    """Several builds on one request: all loaded, run i of each in the order given, then run i + 1; a report per
+    build with its own limits. The fp32 build given twice is an A/A comparison: the same greedy tokens."""
+    from rich.console import Console
+
+    lines: list[str] = []
+    reps = bench_builds([tiny_artifacts, tiny_int8, tiny_artifacts], new_tokens=4, repeat=2, warmup=0, log=lines.append)
+    runs = [f"{w[1]}.{w[3].split('/')[0]}" for w in (line.split() for line in lines) if len(w) > 3 and w[0] == "build" and w[2] == "run"]
+    assert runs == ["1.1", "2.1", "3.1", "1.2", "2.2", "3.2"]
+    assert [r.artifacts for r in reps] == [str(tiny_artifacts), str(tiny_int8), str(tiny_artifacts)]
+    assert all(r.machine["interleaved"] and len(r.ours.tokens_per_s.samples) == 2 for r in reps)
+    assert reps[0].quantization == "" and reps[1].quantization == "int8 blockwise, blocks of 32"
+    assert reps[0].ours.token_ids == reps[2].ours.token_ids and len(reps[1].ours.token_ids) == 4
+    # each build's limits judge its own bytes: the int8 decoder reads fewer weight bytes than the fp32 one
+    b = [r.limits.decode_bytes["weights"] for r in reps]
+    assert b[1] < b[0] == b[2] and all(len(r.limits.read_gbps_samples) == 2 for r in reps)
+    assert all(r.ours.memory.peak_mb > 0 for r in reps)
+    con = Console(record=True, width=400)
+    render_builds(reps, con)
+    text = con.export_text()
+    assert "3 builds, timed runs interleaved" in text and "fp32 + int8 blockwise, blocks of 32" in text and "4/4" in text
+    with pytest.raises(UserError, match="two artifact directories"):
+        bench_builds([tiny_artifacts], log=lambda m: None)
+
+
+def test_cli_compares_builds(tiny_artifacts, tiny_int8):
+    from conftest import run_cli
+
+    p = run_cli("bench", tiny_artifacts, tiny_int8, "--new-tokens", "2", "--repeat", "1", "--warmup", "0", "--no-limits", "--json")
+    d = json.loads(p.stdout)
+    assert d["interleaved"] is True and [b["artifacts"] for b in d["builds"]] == [str(tiny_artifacts), str(tiny_int8)]
+    assert d["builds"][1]["quantization"].startswith("int8") and d["builds"][0]["limits"] is None
+    for extra in (["--vs-pytorch"], ["--profile"], ["--concurrency", "2"]):
+        p = run_cli("bench", tiny_artifacts, tiny_int8, *extra, check=2)
+        assert p.stdout == "" and p.stderr.strip().splitlines()[-1].startswith("error: several builds are compared on their own")

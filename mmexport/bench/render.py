@@ -16,7 +16,7 @@ def render_bench(report: BenchReport, console) -> None:
 
     o, e = report.ours, report.eager
     r = report.ratios or {}
-    title = (f"bench {report.artifacts} ({report.precision}, {report.backend}): {report.image}, "
+    title = (f"bench {report.artifacts} ({report.precision}{', ' + report.quantization if report.quantization else ''}, {report.backend}): {report.image}, "
              f"{o.prompt_tokens} prompt tokens, {report.new_tokens} new tokens, median of {report.repeat}")
     cols = ["stage", f"{o.name} ms"] + ([f"{e.name} ms", "ours / eager"] if e else [])
     t = Table(*cols, title=title)
@@ -144,3 +144,36 @@ def render_limits(lim, console) -> None:
                  if lim.vision_gemm_peak_gflops else "- (needs onnx)")
         t.add_row("vision", f"{lim.vision_gflops:.0f} GFLOP/s ({lim.vision_flops / 1e9:,.1f} GFLOP of weight MatMuls)", vpeak, p(pct["vision"]))
     console.print(t)
+
+
+def render_builds(reports: list[BenchReport], console) -> None:
+    """Builds compared on one request (`bench_builds`): a row per build, then each build's limits."""
+    from rich.table import Table
+
+    first = reports[0]
+    title = (f"{len(reports)} builds, timed runs interleaved: {first.image}, {first.ours.prompt_tokens} prompt tokens, "
+             f"{first.new_tokens} new tokens, median of {first.repeat}")
+    t = Table("build", "weights", "TTFT ms", "vision ms", "prefill ms", "decode tok/s", "vs 1", "% of read bw",
+              "peak MB", "tokens as 1", title=title)
+    base = first.ours.tokens_per_s.median
+    for i, r in enumerate(reports):
+        o = r.ours
+        tm = o.timings_ms
+        same = sum(1 for a, b in zip(o.token_ids, first.ours.token_ids) if a == b)
+        pct = r.limits.percent.get("decode") if r.limits is not None else None
+        t.add_row(f"{i + 1}: {r.artifacts}", r.precision + (f" + {r.quantization}" if r.quantization else ""), _fmt_ms(tm["ttft"]),
+                  _fmt_ms(tm["vision"]) if "vision" in tm else "-", _fmt_ms(tm["prefill"]) if "prefill" in tm else "-",
+                  _fmt_ms(o.tokens_per_s), f"{o.tokens_per_s.median / base:.2f}x" if base > 0 else "-",
+                  f"{pct:.0f} %" if pct is not None else "-", f"{o.memory.peak_delta_mb:,.0f}",
+                  f"{same}/{len(first.ours.token_ids)}")
+    console.print(t)
+    console.print("[dim]vs 1: decode speed against build 1's; % of read bw: decode against the read bandwidth sampled beside "
+                  "this build's own runs; peak MB: the largest RSS rise over before its load; tokens as 1: greedy tokens "
+                  "equal to build 1's, position by position[/dim]", highlight=False)
+    for i, r in enumerate(reports):
+        if r.limits is not None:
+            console.print(f"build {i + 1}: {r.artifacts}", highlight=False)
+            render_limits(r.limits, console)
+    mi = first.machine
+    console.print(f"[dim]{mi.get('cpu')} x{mi.get('cpu_count')}, {mi.get('platform')}, onnxruntime {mi.get('onnxruntime')}; "
+                  f"memory: {first.ours.memory.method}[/dim]", highlight=False)

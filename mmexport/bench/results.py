@@ -100,6 +100,7 @@ class BenchReport:
     reference: dict[str, Any] | None = None  # checkpoint of the eager side
     limits: Any = None  # bench.limits.Limits: this machine's read bandwidth and GEMM peak, and how close the run came
     seconds: float = 0.0
+    quantization: str = ""  # the build's weight formats beyond `precision` (describe_quantization), "" for none
 
     @property
     def ratios(self) -> dict[str, float] | None:
@@ -160,4 +161,20 @@ class BenchReport:
             "reference": self.reference,
             "limits": self.limits.to_dict() if self.limits is not None else None,
             "seconds": round(self.seconds, 2),
+            "quantization": self.quantization,
         }
+
+
+def describe_quantization(quant: dict[str, Any] | None) -> str:
+    """A build's quantization (its manifest's `quantization`) in a few words: "int4 blockwise, blocks of 32" and the
+    vision tower's where it has its own; "" for an unquantized build."""
+    if not quant:
+        return ""
+
+    def one(scheme, method, block):
+        return f"{scheme} {method}" + (f", blocks of {block}" if method == "blockwise" and block else "")
+
+    text = one(quant["scheme"], quant.get("method", ""), quant.get("block_size"))
+    if quant.get("vision_scheme"):
+        text += "; vision " + one(quant["vision_scheme"], quant.get("vision_method") or quant.get("method", ""), quant.get("block_size"))
+    return text

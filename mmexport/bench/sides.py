@@ -88,8 +88,9 @@ class OursSide(Side):
     label = "ours "
 
     def __init__(self, artifact_dir, backend: str, images, prompt: str, new_tokens: int, warmup: int, repeat: int, log,
-                 probe: bool = False):
+                 probe: bool = False, label: str = "ours "):
         super().__init__(log)
+        self.label = label
         # probe: after each timed run, sample this machine's limits (bench.limits.LimitProbes, a child process
         # started after the first timed run), so they are measured over the same minutes as the runs they judge
         self.probe = probe

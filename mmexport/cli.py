@@ -230,7 +230,7 @@ def verify_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    artifact_dirs: Annotated[list[Path], typer.Argument(metavar="ARTIFACTS...", help="Artifact directory written by `mmexport build`; several: the builds are compared, all loaded, their timed runs alternated.")],
+    artifacts: Annotated[list[Path], typer.Argument(metavar="ARTIFACTS", help="Artifact directory written by `mmexport build`; several: the builds are compared, all loaded, their timed runs alternated.")],
     image: Annotated[Optional[Path], typer.Option("--image", help="Image file [default: a generated 448x448 image].")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="The request's text.", callback=_utf8)] = None,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens generated per run (EOS ignored).")] = 64,
@@ -250,9 +250,11 @@ def bench_cmd(
 ) -> None:
     """Time one request: TTFT split (preprocess / vision / projector / prefill), decode tok/s, peak memory,
     and how close decode, prefill and vision come to this machine's measured limits.
+    With several ARTIFACTS: the builds compared on that request, all loaded, their timed runs alternated.
     With --concurrency: total tokens/s and TTFT of the serving engine under N concurrent streams."""
     from .bench import DEFAULT_PROMPT, bench, bench_builds, plot_bench, render_bench, render_builds
 
+    artifact_dirs, artifacts = artifacts, artifacts[0]
     if len(artifact_dirs) > 1:
         if profile or concurrency is not None or vs_pytorch or plot:
             raise UserError("several builds are compared on their own: without --profile, --concurrency, --vs-pytorch and --plot")
@@ -263,7 +265,6 @@ def bench_cmd(
         else:
             render_builds(reports, out)
         return
-    artifacts = artifact_dirs[0]
     if profile:
         from .bench import default_image
         from .bench.profile import profile_decode, render_profile

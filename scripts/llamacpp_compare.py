@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import runpy
 import statistics
 import sys
@@ -76,8 +77,6 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--work", type=Path, default=Path("gguf-work"), help="where the GGUF files go")
     a = ap.parse_args()
-
-    import os
 
     os.environ["MMEXPORT_THREADS"] = str(a.threads)
     import numpy as np

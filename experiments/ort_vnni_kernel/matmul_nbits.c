@@ -143,12 +143,6 @@ int mmx_cpu_supported(void) {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
-/* For the tests: the ONNX Runtime build string, read through this file's table positions. */
-const char *mmx_ort_build_info(const OrtApiBase *base) {
-  const OrtApi *api = base->GetApi(MMX_ORT_API_VERSION);
-  return api ? MMX_CALL(api, GetBuildInfoString)() : NULL;
-}
-
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   g_api = base->GetApi(MMX_ORT_API_VERSION);
   if (!g_api) return NULL; /* an ONNX Runtime older than 1.17: cannot report through it either */

@@ -2,7 +2,8 @@
  * end) that the kernels in this folder use, declared by position. ONNX Runtime's Python wheel ships no C
  * headers, so these declarations are mmexport's own; the positions are those of ONNX Runtime's OrtApi table
  * (unchanged since the versions that introduced them: KernelContext_ParallelFor, the newest used, in API 17,
- * ONNX Runtime 1.17). tests/test_cpukernels.py checks them against the installed ONNX Runtime. */
+ * ONNX Runtime 1.17), read from ONNX Runtime's sources; synthetic.py exercises every one of them (registration,
+ * attributes, inputs, outputs, the thread pool) against the installed ONNX Runtime. */
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -42,7 +43,6 @@ enum { MMX_IO_REQUIRED = 0, MMX_IO_OPTIONAL = 1 };        /* OrtCustomOpInputOut
 #define MMX_KernelContext_GetOutput 91
 #define MMX_ReleaseStatus 93
 #define MMX_ReleaseTensorTypeAndShapeInfo 99
-#define MMX_GetBuildInfoString 254
 #define MMX_KernelContext_ParallelFor 274
 
 typedef OrtStatus *(*mmx_CreateStatus)(int code, const char *msg);
@@ -59,7 +59,6 @@ typedef OrtStatus *(*mmx_KernelContext_GetInput)(const OrtKernelContext *ctx, si
 typedef OrtStatus *(*mmx_KernelContext_GetOutput)(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t n, OrtValue **out);
 typedef void (*mmx_ReleaseStatus)(OrtStatus *s);
 typedef void (*mmx_ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo *info);
-typedef const char *(*mmx_GetBuildInfoString)(void);
 typedef OrtStatus *(*mmx_KernelContext_ParallelFor)(const OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t total,
                                                     size_t num_batch, void *user_data);
 #define MMX_CALL(api, name) ((mmx_##name)((api)->fn[MMX_##name]))

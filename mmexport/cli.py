@@ -95,6 +95,7 @@ def build_cmd(
     quantize_vision: Annotated[bool, typer.Option("--quantize-vision", help="With --quantize: the vision encoder and projector too (judged by the recipe's [tolerances.SCHEME_vision]).")] = False,
     quant_method: Annotated[Optional[str], typer.Option("--quant-method", help="With --quantize: blockwise (weight-only MatMulNBits, for decode) or dynamic (int8 only: integer GEMMs, for prefill and vision) [default: the recipe's, or blockwise].")] = None,
     vision_quant_method: Annotated[Optional[str], typer.Option("--vision-quant-method", help="With --quantize-vision: the vision encoder's and projector's own method, e.g. dynamic (int8 integer GEMMs, fast prefill of an image) beside a blockwise int4 decoder [default: --quant-method].")] = None,
+    prefill_quant_method: Annotated[Optional[str], typer.Option("--prefill-quant-method", help="With a blockwise --quantize: dynamic gives the decoder a second graph, int8 integer GEMMs, for prompts (prefill), beside the blockwise graph that decodes; more memory, a shorter time to first token [default: the recipe's, or none].")] = None,
     quant_block_size: Annotated[Optional[int], typer.Option("--quant-block-size", help="With --quantize (blockwise): weights per scale, a power of two >= 16; larger blocks read fewer bytes per token and lose more accuracy [default: the recipe's, or 32].")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Decoder rows per call (`serve` batches that many requests) [default: the recipe's, or 8].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
@@ -133,7 +134,8 @@ def build_cmd(
     with Destination(dest, force=force, log=_log) as destination:  # locked across the export and the engines
         res = build(r, dest, model=model, precision=precision, quantize=quantize, force=force, log=_log, stage=_stage,
                     destination=destination, quantize_vision=quantize_vision, quant_method=quant_method,
-                    quant_block_size=quant_block_size, vision_quant_method=vision_quant_method)
+                    quant_block_size=quant_block_size, vision_quant_method=vision_quant_method,
+                    prefill_quant_method=prefill_quant_method)
         if engines:
             from .engines.commands import build_engines
 

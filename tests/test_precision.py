@@ -126,3 +126,62 @@ def test_int8_build_verifies_against_its_gate_and_int4_needs_a_stated_gate(cache
     assert "dynamic quantization takes an fp32 build" in p.stderr
     p = run_cli("build", "qwen2-vl-tiny", "--quantize", "int8", "--quantize-vision", "--vision-quant-method", "gptq", "--out", tmp_path / "v", check=2)
     assert "vision quantization method must be one of blockwise, dynamic" in p.stderr and not (tmp_path / "v").exists()
+    # a prefill graph: dynamic, beside a blockwise decoder of an fp32 build
+    p = run_cli("build", "qwen2-vl-tiny", "--prefill-quant-method", "dynamic", "--out", tmp_path / "v", check=2)
+    assert "--prefill-quant-method goes with --quantize" in p.stderr and not (tmp_path / "v").exists()
+    p = run_cli("build", "qwen2-vl-tiny", "--quantize", "int8", "--prefill-quant-method", "blockwise", "--out", tmp_path / "v", check=2)
+    assert "prefill quantization method must be dynamic" in p.stderr and not (tmp_path / "v").exists()
+    p = run_cli("build", "qwen2-vl-shapes", "--quantize", "int8", "--quant-method", "dynamic", "--prefill-quant-method", "dynamic",
+                "--out", tmp_path / "v", check=2)
+    assert "already prefills with integer GEMMs" in p.stderr and not (tmp_path / "v").exists()
+    p = run_cli("build", "qwen2-vl-tiny", "--quantize", "int8", "--prefill-quant-method", "dynamic", "--precision", "fp16",
+                "--out", tmp_path / "v", check=2)
+    assert "dynamic quantization takes an fp32 build" in p.stderr and not (tmp_path / "v").exists()
+
+
+def test_prefill_graph_runs_prompts_and_the_blockwise_graph_decodes(cache_dir, tmp_path):
+    """--prefill-quant-method dynamic: the decoder gets a second graph of the same declaration (integer GEMMs), hashed
+    like the first; the runtime runs each prompt through it and every decode step through the block-wise graph."""
+    import numpy as np
+
+    from mmexport.runtime.backends import PhasedRunner
+    from mmexport.runtime.pipeline import Pipeline
+    from mmexport.verify import default_images
+
+    out = tmp_path / "pf"
+    run_cli("build", "qwen2-vl-tiny", "--quantize", "int8", "--prefill-quant-method", "dynamic", "--out", out)
+    m = json.loads((out / "manifest.json").read_text())
+    dec, pre = m["components"]["decoder"], m["components"]["decoder"]["prefill"]
+
+    def ops(rel):
+        return {n.op_type for n in onnx.load(str(out / rel), load_external_data=False).graph.node}
+
+    assert "MatMulInteger" in ops(pre["file"]) and "MatMulNBits" not in ops(pre["file"])
+    assert "MatMulNBits" in ops(dec["file"]) and "MatMulInteger" not in ops(dec["file"])
+    assert pre["file"] in m["files"] and pre["data_files"] and all(f in m["files"] for f in pre["data_files"])
+    assert m["quantization"]["prefill_method"] == "dynamic" and m["quantization"]["components"]["decoder_prefill"]["bits"] == 8
+
+    pipe = Pipeline(out)
+    try:
+        runner = pipe.runners["decoder"]
+        assert isinstance(runner, PhasedRunner)
+        res = pipe.generate("Describe the image.", default_images()[:1], max_new_tokens=6, ignore_eos=True)
+        assert len(res.token_ids) == 6 and res.calls["decoder"] == 6
+        assert runner.prefill.calls == 1 and runner.decode.calls == 5
+        # one prompt through each graph: the same logits within int8 error
+        prep = pipe.prepare("Describe the image.", default_images()[:1])
+        state = pipe.encode_images(prep.images)
+        via_prefill = pipe.prefill(prep, state, pipe.new_cache())
+        runner.runner_for = lambda feed: runner.decode
+        via_blockwise = pipe.prefill(prep, state, pipe.new_cache())
+        assert runner.prefill.calls == 2 and runner.decode.calls == 6
+        a, b = np.ravel(via_prefill).astype(np.float64), np.ravel(via_blockwise).astype(np.float64)
+        assert 0 < np.abs(a - b).max() and np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99
+    finally:
+        pipe.close()
+    # the prefill graph is one of the hashed files: an edited one is refused before anything runs
+    g = out / pre["file"]
+    g.chmod(0o644)
+    g.write_bytes(g.read_bytes() + b"\0")
+    p = run_cli("run", out, "--prompt", "hi", check=2)
+    assert pre["file"] in p.stderr and "sha256" in p.stderr

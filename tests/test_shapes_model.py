@@ -81,8 +81,14 @@ MIXED = pytest.param(("--quantize", "int4", "--quantize-vision", "--vision-quant
                      marks=VNNI)
 
 
+# and the prompt through a second decoder graph of integer GEMMs (--prefill-quant-method), the decode steps block-wise int4
+PREFILL = pytest.param(("--quantize", "int4", "--quantize-vision", "--vision-quant-method", "dynamic", "--prefill-quant-method", "dynamic"),
+                       id="int4-with-dynamic-int8-prefill-and-vision", marks=VNNI)
+
+
 @pytest.mark.parametrize("flags", [pytest.param(("--precision", "fp16"), id="fp16"), pytest.param(("--quantize", "int8"), id="int8"),
-                                   pytest.param(("--quantize", "int4", "--quantize-vision"), id="int4-with-vision"), DYNAMIC, MIXED])
+                                   pytest.param(("--quantize", "int4", "--quantize-vision"), id="int4-with-vision"), DYNAMIC, MIXED,
+                                   PREFILL])
 def test_verify_task_other_precisions(cache_dir, tmp_path, flags):
     out = tmp_path / "build"
     run_cli("build", "qwen2-vl-shapes", "--out", out, *flags)
@@ -107,6 +113,12 @@ def test_verify_task_other_precisions(cache_dir, tmp_path, flags):
         vis = by[("images[0]", "vision_encoder")]
         assert vis["tol_abs"] == recipe[f"{vscheme}_vision"]["component_max_abs"] and vis["max_abs"] > 1e-3
         assert by[("images", "decoder")]["tol_abs"] == recipe[scheme]["logits_max_abs"]  # its output is the logits
+        prefill = m["components"]["decoder"].get("prefill")
+        if "--prefill-quant-method" in flags:  # verify fed the decoder prompts: the int8 graph, judged by the scheme's gate
+            assert q["prefill_method"] == "dynamic" and q["components"]["decoder_prefill"]["method"] == "dynamic"
+            assert prefill["file"] == "onnx/decoder_prefill.onnx" and prefill["file"] in m["files"]
+        else:
+            assert prefill is None and not q.get("prefill_method")
 
 
 def test_training_script_runs(tmp_path):

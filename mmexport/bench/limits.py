@@ -168,8 +168,11 @@ def weight_formats(manifest) -> dict[str, dict[str, Any]]:
     quantized = quant.get("components") or {}
     common = {"accuracy_level": quant.get("accuracy_level"), "block_size": int(quant.get("block_size") or 32)}
     method = quant.get("method", "blockwise")
+    # a prompt runs through the decoder's prefill graph where the build made one (int8 dynamic)
+    prefill = ({"bits": 8, "method": quant["prefill_method"]} if quant.get("prefill_method") else
+               {"bits": quant.get("bits") if "decoder" in quantized else None, "method": method})
     return {
-        "decoder": {"bits": quant.get("bits") if "decoder" in quantized else None, "method": method, **common},
+        "decoder": {**prefill, **common},
         "vision": {"bits": (quant.get("vision_bits") or quant.get("bits")) if "vision_encoder" in quantized else None,
                    "method": quant.get("vision_method") or method, **common},
     }

@@ -175,6 +175,8 @@ def describe_quantization(quant: dict[str, Any] | None) -> str:
         return f"{scheme} {method}" + (f", blocks of {block}" if method == "blockwise" and block else "")
 
     text = one(quant["scheme"], quant.get("method", ""), quant.get("block_size"))
+    if quant.get("prefill_method"):
+        text += f"; prefill int8 {quant['prefill_method']}"
     if quant.get("vision_scheme"):
         text += "; vision " + one(quant["vision_scheme"], quant.get("vision_method") or quant.get("method", ""), quant.get("block_size"))
     return text

@@ -53,6 +53,7 @@ def build(
     quant_method: str | None = None,
     quant_block_size: int | None = None,
     vision_quant_method: str | None = None,
+    prefill_quant_method: str | None = None,
 ) -> BuildResult:
     """Export every component of `recipe` into `out_dir`. `stage(name)` is a context-manager factory for progress.
     `destination`: an entered `Destination` for `out_dir` when the caller holds its lock for longer
@@ -61,14 +62,17 @@ def build(
     blockwise or dynamic (as `[export] quant_method`, default blockwise); `quant_block_size`: weights per scale of
     blockwise quantization (as `[export] quant_block_size`, default 32); `vision_quant_method`: with
     `quantize_vision`, the vision components' own method (as `[export] vision_quant_method`; default the
-    decoder's), e.g. dynamic int8 for the vision tower's large GEMMs beside a block-wise int4 decode step."""
+    decoder's), e.g. dynamic int8 for the vision tower's large GEMMs beside a block-wise int4 decode step;
+    `prefill_quant_method`: a second decoder graph for the prompt (as `[export] prefill_quant_method`: dynamic,
+    int8 integer GEMMs), beside the block-wise graph that decodes."""
     t0 = time.perf_counter()
     stage = stage or _null_stage
     precision = precision or recipe.precision
     if precision not in recipe.tolerances:
         raise UserError(f"recipe {recipe.name} has no tolerances for precision {precision!r}")
-    qcfg = _quant_config(recipe, quantize, quantize_vision, quant_method, quant_block_size, vision_quant_method)
-    if qcfg and "dynamic" in (qcfg["method"], qcfg["vision_method"]) and precision != "fp32":
+    qcfg = _quant_config(recipe, quantize, quantize_vision, quant_method, quant_block_size, vision_quant_method,
+                         prefill_quant_method)
+    if qcfg and "dynamic" in (qcfg["method"], qcfg["vision_method"], qcfg["prefill_method"]) and precision != "fp32":
         raise UserError(f"dynamic quantization takes an fp32 build, not {precision}")
     with (nullcontext(destination) if destination is not None else Destination(out_dir, force=force, log=log)) as dest:
         try:
@@ -115,6 +119,16 @@ def _build_into(dest: Destination, recipe: Recipe, model: str | None, precision:
                 from .precision import convert_fp16
 
                 convert_fp16(path, comp.spec)
+            prefill = None
+            if qcfg and comp.spec.name == "decoder" and qcfg["prefill_method"]:
+                from .quantize import quantize_component
+
+                # the prompt's graph: a copy of the exported decoder (its external data still the export's file),
+                # quantized before the decoder itself is
+                prefill = path.with_name(f"{path.stem}_prefill{path.suffix}")
+                shutil.copyfile(path, prefill)
+                qcfg["report"]["decoder_prefill"] = quantize_component(
+                    prefill, 8, symmetric=qcfg["symmetric"], exclude_lm_head=not qcfg["lm_head"], method=qcfg["prefill_method"])
             if qcfg and comp.spec.name in qcfg["components"]:
                 from .quantize import quantize_component
 
@@ -132,6 +146,15 @@ def _build_into(dest: Destination, recipe: Recipe, model: str | None, precision:
                 "sha256": sha256_file(path),
                 "spec": comp.spec.to_dict(),
             }
+            if prefill is not None:  # the same declaration: one interface, two graphs (the runtime picks by seq_len)
+                prel = [str(p.relative_to(tmp)) for p in sorted(prefill.parent.glob(prefill.name + "*"))]
+                files += prel
+                comps[comp.spec.name]["prefill"] = {
+                    "file": str(prefill.relative_to(tmp)),
+                    "data_files": [r for r in prel if r != str(prefill.relative_to(tmp))],
+                    "sha256": sha256_file(prefill),
+                }
+                rel += prel
             size = sum((tmp / r).stat().st_size for r in rel)
             result.components.append(
                 {
@@ -195,12 +218,15 @@ _TOOLS = {"blockwise": "onnxruntime MatMulNBitsQuantizer (weight-only, block-wis
 
 def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = False,
                   quant_method: str | None = None, block_size: int | None = None,
-                  vision_method: str | None = None) -> dict[str, Any] | None:
+                  vision_method: str | None = None, prefill_method: str | None = None) -> dict[str, Any] | None:
     """Weight-only quantization settings from the recipe's [export] table (None: not quantized). Quantized vision
     components have a gate of their own, `[tolerances.<their scheme>_vision]`: without one they are not built.
-    They take the decoder's method unless `vision_method` says otherwise (dynamic is always int8)."""
+    They take the decoder's method unless `vision_method` says otherwise (dynamic is always int8).
+    `prefill_method` (dynamic): the decoder gets a second graph for prompts, judged by the build's own gate (verify
+    feeds the decoder prompts, per component and end to end)."""
     if quantize is None:
-        for flag, v in (("--quant-method", quant_method), ("--quant-block-size", block_size), ("--vision-quant-method", vision_method)):
+        for flag, v in (("--quant-method", quant_method), ("--quant-block-size", block_size), ("--vision-quant-method", vision_method),
+                        ("--prefill-quant-method", prefill_method)):
             if v is not None:
                 raise UserError(f"{flag} goes with --quantize int8|int4")
         return None
@@ -236,6 +262,12 @@ def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = 
         comps += list(VISION_STAGES)
     if exp.get("quantize_embeddings", False):
         comps.append("embed_tokens")
+    pmethod = prefill_method or exp.get("prefill_quant_method")
+    if pmethod is not None and pmethod != "dynamic":
+        raise UserError(f"the prefill quantization method must be dynamic (int8 integer GEMMs for prompts), got {pmethod!r}")
+    if pmethod is not None and method == "dynamic":
+        raise UserError("--prefill-quant-method goes with a blockwise decoder: with --quant-method dynamic the decoder "
+                        "already prefills with integer GEMMs")
     return {
         "scheme": quantize,
         "bits": QUANT_NAMES[quantize],
@@ -245,6 +277,8 @@ def _quant_config(recipe: Recipe, quantize: str | None, quantize_vision: bool = 
         "vision_bits": QUANT_NAMES[vscheme] if with_vision else None,
         "vision_method": vmethod if with_vision else None,
         "vision_tool": _TOOLS[vmethod] if with_vision else None,
+        "prefill_method": pmethod,
+        "prefill_tool": _TOOLS[pmethod] if pmethod else None,
         "block_size": block_size,
         "symmetric": bool(exp.get("quant_symmetric", True)),
         "lm_head": bool(exp.get("quantize_lm_head", True)),

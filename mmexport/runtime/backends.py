@@ -171,6 +171,54 @@ class OrtRunner(Runner):
         return dict(zip(self._outputs, outs))
 
 
+class PhasedRunner(Runner):
+    """One component with two graphs of one declaration: `prefill` runs feeds of more than one position along the
+    spec's `seq_len` dim (a prompt), `decode` the rest (one token per row). A build makes the second graph with
+    `--prefill-quant-method dynamic`: int8 integer GEMMs where a prompt's many rows make the MatMuls compute-bound,
+    beside the block-wise graph that reads fewer bytes per token."""
+
+    def __init__(self, decode: Runner, prefill: Runner):
+        super().__init__(decode.path, decode.spec, decode.manifest)
+        self.decode, self.prefill = decode, prefill
+        self.whole_cache = decode.whole_cache and prefill.whole_cache
+        # where seq_len is read: the first input that declares it
+        self._seq = next(((t.name, list(t.shape).index("seq_len")) for t in decode.spec.inputs if "seq_len" in t.shape), None)
+        if self._seq is None:
+            raise UserError(f"component {decode.spec.name}: a prefill graph needs a seq_len dim in its inputs")
+
+    def activate(self) -> "PhasedRunner":
+        self.decode.activate()
+        self.prefill.activate()
+        return super().activate()
+
+    def deactivate(self) -> None:
+        self.decode.deactivate()
+        self.prefill.deactivate()
+        super().deactivate()
+
+    def runner_for(self, feed: dict[str, np.ndarray]) -> Runner:
+        name, axis = self._seq
+        return self.prefill if feed[name].shape[axis] > 1 else self.decode
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        r = self.runner_for(feed)
+        t0 = time.perf_counter()
+        out = r._infer(feed)  # the feed was checked once, against the one declaration
+        r.seconds += time.perf_counter() - t0
+        r.calls += 1
+        return out
+
+
+def component_runner(backend: str, manifest: Any, name: str, spec: ComponentSpec, **kw) -> Runner:
+    """The runner of component `name` of a loaded manifest: its graph's, or a PhasedRunner where the build made a
+    graph for prompts beside it (ONNX Runtime: a quantized build; TensorRT builds have none)."""
+    runner = make_runner(backend, manifest.component_file(name), spec, manifest=manifest, **kw)
+    prefill = manifest.prefill_file(name)
+    if prefill is None or backend != "ort":
+        return runner
+    return PhasedRunner(runner, make_runner(backend, prefill, spec, manifest=manifest, **kw))
+
+
 # name -> "module:class"; imported when asked for (trt.py imports Runner from this module)
 BACKENDS: dict[str, str] = {
     "ort": "mmexport.runtime.backends:OrtRunner",

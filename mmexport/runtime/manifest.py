@@ -67,6 +67,11 @@ class Manifest:
     def component_sha256(self, name: str) -> str:
         return self.data["components"][name]["sha256"]
 
+    def prefill_file(self, name: str) -> Path | None:
+        """The component's graph for prompts, where the build made one (`--prefill-quant-method`), else None."""
+        g = self.data["components"][name].get("prefill")
+        return self.path(g["file"]) if g else None
+
     @property
     def model(self) -> dict[str, Any]:
         return self.data["model"]
@@ -146,9 +151,11 @@ def check_file_hashes(root: Path, files: dict[str, str], rehash: bool = False) -
 
 def check_external_data(root: Path, data: dict[str, Any]) -> None:
     """Every external-data location in every component graph is one of the component's data files."""
-    for name, c in data["components"].items():
+    graphs = [(f"components.{name}", c) for name, c in data["components"].items()]
+    graphs += [(f"components.{name}.prefill", c["prefill"]) for name, c in data["components"].items() if "prefill" in c]
+    for where, c in graphs:
         rel = c["file"]
-        path = resolve_inside(root, rel, f"{root / MANIFEST}: components.{name}.file")
+        path = resolve_inside(root, rel, f"{root / MANIFEST}: {where}.file")
         if not path.exists():
             continue  # reported by the hash check when files are checked
         try:

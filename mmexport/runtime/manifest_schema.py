@@ -120,7 +120,9 @@ SCHEMA = {
     "source": OBJ,
     "quantization": Maybe(Optional({"scheme": NAME, "components": OBJ})),
     "limits": {"max_images": NONNEG, "max_context": POSITIVE, "max_new_tokens": POSITIVE},
-    "components": MapOf({"file": REL, "data_files": ListOf(REL), "sha256": SHA256, "spec": SPEC}),
+    # "prefill": a second graph of the same declaration, for prompts (build --prefill-quant-method)
+    "components": MapOf({"file": REL, "data_files": ListOf(REL), "sha256": SHA256, "spec": SPEC,
+                         "prefill": Maybe({"file": REL, "data_files": ListOf(REL), "sha256": SHA256})}),
     "tokenizer": {
         "file": REL,
         "chat_template": Maybe(Optional(REL)),
@@ -176,11 +178,12 @@ def validate_manifest(data: Any) -> None:
             ComponentSpec.from_dict(c["spec"])
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{where}.spec: {e}") from None
-        for key, rel in [("file", c["file"])] + [(f"data_files[{i}]", r) for i, r in enumerate(c["data_files"])]:
-            if rel not in files:
-                raise UserError(f"{where}.{key}: {rel} is not in the hashed file list (files)")
-        if files[c["file"]] != c["sha256"]:
-            raise UserError(f"{where}.sha256: differs from the sha256 of {c['file']} in files")
+        for w, g in [(where, c)] + ([(f"{where}.prefill", c["prefill"])] if "prefill" in c else []):
+            for key, rel in [("file", g["file"])] + [(f"data_files[{i}]", r) for i, r in enumerate(g["data_files"])]:
+                if rel not in files:
+                    raise UserError(f"{w}.{key}: {rel} is not in the hashed file list (files)")
+            if files[g["file"]] != g["sha256"]:
+                raise UserError(f"{w}.sha256: differs from the sha256 of {g['file']} in files")
     tok = data["tokenizer"]
     for key in ("file", "chat_template"):
         rel = tok.get(key)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import PromptTooLong, UserError
-from .backends import make_runner
+from .backends import component_runner
 from .image import load_image
 from .manifest import load_manifest
 from .prompt import PromptBuilder, user_message
@@ -146,7 +146,7 @@ class Pipeline:
             raise UserError(f"{m.root / 'manifest.json'}: components: no {', '.join(missing)} (a {m.family} build has "
                             f"{', '.join(needed)}); rebuild")
         self.runners = {
-            name: make_runner(backend, m.component_file(name), spec, manifest=m, **runner_kw).activate() for name, spec in self.specs.items()
+            name: component_runner(backend, m, name, spec, **runner_kw).activate() for name, spec in self.specs.items()
         }
         tok = m.tokenizer
         template = m.read_text(tok["chat_template"]) if tok.get("chat_template") else None
